@@ -1,0 +1,128 @@
+"""Dashboard pages. They read through selectors and write through services, like the API; the browser's JavaScript
+talks to the same REST API and websockets that SDK users get."""
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from apps.datasets.selectors import file_list
+from apps.jobs.catalog import CATALOG
+from apps.jobs.selectors import job_get, job_list
+from apps.jobs.serialization import job_to_json
+from apps.tenancy.context import SESSION_TENANT_KEY
+from apps.tenancy.models import ApiKey
+from apps.tenancy.selectors import api_keys_for_tenant, membership_get
+from apps.tenancy.services import api_key_create, api_key_revoke, user_sign_up
+from workers.ml.config import FromScratchCausalLMConfig
+
+
+class SignUpForm(forms.Form):
+    email = forms.EmailField()
+    password = forms.CharField(widget=forms.PasswordInput, min_length=8)
+    team_name = forms.CharField(max_length=120, label="Team name")
+
+    def clean_password(self):
+        password = self.cleaned_data["password"]
+        validate_password(password)
+        return password
+
+
+def signup(request):
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user, tenant = user_sign_up(
+                email=form.cleaned_data["email"],
+                password=form.cleaned_data["password"],
+                tenant_name=form.cleaned_data["team_name"],
+            )
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            request.session[SESSION_TENANT_KEY] = tenant.pk
+            return redirect("dashboard:home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+def _require_tenant(request):
+    context = request.tenant_context
+    if context is None:
+        raise Http404("You are not a member of any team.")
+    return context
+
+
+@login_required
+@require_POST
+def switch_tenant(request):
+    try:
+        tenant_id = int(request.POST.get("tenant_id", ""))
+    except ValueError:
+        raise Http404 from None
+    if membership_get(user=request.user, tenant_id=tenant_id) is None:
+        raise Http404("No such team.")
+    request.session[SESSION_TENANT_KEY] = tenant_id
+    return redirect("dashboard:home")
+
+
+def _hyperparameter_fields() -> list[dict]:
+    """The tunable fields of the training config with their defaults, for the new-job form."""
+    defaults = FromScratchCausalLMConfig(train_file="-", output_dir="-")
+    shown = ["max_steps", "batch_size", "learning_rate", "context_length", "n_layer", "n_embd", "vocab_size", "seed"]
+    return [{"name": name, "default": getattr(defaults, name)} for name in shown]
+
+
+@login_required
+def home(request):
+    context = _require_tenant(request)
+    return render(
+        request,
+        "dashboard/home.html",
+        {
+            "files": file_list(tenant=context.tenant)[:50],
+            "jobs": job_list(tenant=context.tenant)[:50],
+            "catalog": CATALOG.values(),
+            "hyperparameters": _hyperparameter_fields(),
+        },
+    )
+
+
+@login_required
+def job_detail(request, public_id: str):
+    context = _require_tenant(request)
+    job = job_get(tenant=context.tenant, public_id=public_id)
+    if job is None:
+        raise Http404("No such job.")
+    return render(request, "dashboard/job_detail.html", {"job": job, "job_json": job_to_json(job)})
+
+
+@login_required
+def api_keys(request):
+    context = _require_tenant(request)
+    new_secret = None
+    if request.method == "POST":
+        if not context.can_manage:
+            raise Http404
+        if request.POST.get("action") == "revoke":
+            try:
+                api_key_revoke(tenant=context.tenant, public_id=request.POST.get("key_id", ""))
+            except ApiKey.DoesNotExist:
+                raise Http404("No such key.") from None
+            messages.success(request, "Key revoked.")
+            return redirect("dashboard:api-keys")
+        try:
+            created = api_key_create(tenant=context.tenant, user=request.user, name=request.POST.get("name", ""))
+        except ValidationError as exc:
+            messages.error(request, " ".join(exc.messages))
+        else:
+            new_secret = created.secret
+    return render(
+        request, "dashboard/api_keys.html", {"api_keys": api_keys_for_tenant(tenant=context.tenant), "new_secret": new_secret}
+    )

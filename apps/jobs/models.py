@@ -1,0 +1,124 @@
+"""Fine-tuning jobs, their event log (one per job: REST, websocket and UI all read it) and status history."""
+
+from django.conf import settings
+from django.db import models
+
+from apps.core.ids import new_public_id
+from apps.datasets.models import File
+from apps.tenancy.models import TenantOwnedModel
+
+
+def _new_job_id() -> str:
+    return new_public_id("ftjob")
+
+
+def _new_event_id() -> str:
+    return new_public_id("ftevent")
+
+
+class JobStatus(models.TextChoices):
+    # OpenAI's public statuses, plus `paused`.
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATUSES = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+class JobPhase(models.TextChoices):
+    """Finer than the public status: what the job is doing right now."""
+
+    WAITING_FOR_FILES = "waiting_for_files"
+    WAITING_FOR_WORKER = "waiting_for_worker"
+    PREPARING = "preparing"
+    TRAINING = "training"
+    SAVING = "saving"
+    DONE = "done"
+
+
+class FineTuningJob(TenantOwnedModel):
+    public_id = models.CharField(max_length=40, unique=True, default=_new_job_id, editable=False)
+    model = models.CharField(max_length=100, help_text="Catalog id of the base model or architecture.")
+    training_file = models.ForeignKey(File, on_delete=models.PROTECT, related_name="training_jobs")
+    hyperparameters = models.JSONField(default=dict)
+    suffix = models.CharField(max_length=64, blank=True, default="")
+    seed = models.IntegerField(default=0)
+    status = models.CharField(max_length=20, choices=JobStatus.choices, default=JobStatus.VALIDATING_FILES)
+    phase = models.CharField(max_length=20, choices=JobPhase.choices, default=JobPhase.WAITING_FOR_FILES)
+    error = models.JSONField(null=True, blank=True)
+    fine_tuned_model = models.CharField(max_length=200, blank=True, default="")
+    model_storage_prefix = models.CharField(max_length=300, blank=True, default="")
+    trained_tokens = models.BigIntegerField(null=True, blank=True)
+    # Latest progress, kept on the row so lists and pages render without scanning the event log.
+    steps_completed = models.IntegerField(default=0)
+    total_steps = models.IntegerField(default=0)
+    latest_train_loss = models.FloatField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    # Lease: the attempt number is the fencing token. An executor whose attempt is no longer the job's stops.
+    attempt = models.IntegerField(default=0)
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "status"])]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+
+class EventLevel(models.TextChoices):
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+class EventType(models.TextChoices):
+    MESSAGE = "message"
+    METRICS = "metrics"
+
+
+class JobEvent(TenantOwnedModel):
+    public_id = models.CharField(max_length=40, unique=True, default=_new_event_id, editable=False)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(auto_now_add=True)
+    level = models.CharField(max_length=10, choices=EventLevel.choices, default=EventLevel.INFO)
+    message = models.TextField()
+    type = models.CharField(max_length=10, choices=EventType.choices, default=EventType.MESSAGE)
+    data = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["job", "id"])]
+
+    def __str__(self) -> str:
+        return f"{self.public_id}: {self.message}"
+
+
+class JobStatusChange(models.Model):
+    """Every transition with its time and actor; append-only."""
+
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="status_changes")
+    from_status = models.CharField(max_length=20, blank=True, default="")
+    to_status = models.CharField(max_length=20)
+    actor = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}: {self.from_status} -> {self.to_status} by {self.actor}"

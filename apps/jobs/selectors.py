@@ -1,0 +1,38 @@
+from django.db.models import QuerySet
+
+from apps.datasets.models import File
+from apps.tenancy.models import Tenant
+
+from .models import FineTuningJob, JobEvent
+
+
+def job_list(*, tenant: Tenant) -> QuerySet[FineTuningJob]:
+    return FineTuningJob.objects.for_tenant(tenant).select_related("training_file", "tenant")
+
+
+def job_get(*, tenant: Tenant, public_id: str) -> FineTuningJob | None:
+    return job_list(tenant=tenant).filter(public_id=public_id).first()
+
+
+def job_events_after(*, job: FineTuningJob, after_event_id: str | None = None, limit: int = 1000) -> list[JobEvent]:
+    """Events in the order they were written, strictly after `after_event_id` (a reconnecting client's last one)."""
+    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
+    if after_event_id:
+        anchor = events.filter(public_id=after_event_id).values_list("id", flat=True).first()
+        if anchor is not None:
+            events = events.filter(id__gt=anchor)
+    return list(events.order_by("id")[:limit])
+
+
+def job_events_newest_first(*, job: FineTuningJob, after_event_id: str | None = None, limit: int = 20) -> list[JobEvent]:
+    """OpenAI's paging: newest first; `after` is the last id of the previous page (so, older events)."""
+    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
+    if after_event_id:
+        anchor = events.filter(public_id=after_event_id).values_list("id", flat=True).first()
+        if anchor is not None:
+            events = events.filter(id__lt=anchor)
+    return list(events.order_by("-id")[:limit])
+
+
+def file_is_used_by_jobs(*, tenant: Tenant, file: File) -> bool:
+    return FineTuningJob.objects.for_tenant(tenant).filter(training_file=file).exists()

@@ -1,0 +1,335 @@
+"""Writes for fine-tuning jobs: creation, the state machine, the event log, the executor and generation."""
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from apps.core.api.errors import ApiError
+from apps.core.storage import object_store, tenant_key
+from apps.datasets.models import File, FileStatus
+from apps.tenancy.models import Tenant
+from workers.ml.callbacks import TrainingEvent
+from workers.ml.config import FromScratchCausalLMConfig
+from workers.ml.errors import TrainingDataError
+from workers.ml.generate import GenerationResult, generate_text
+from workers.ml.train import train_causal_lm_from_scratch
+
+from .catalog import CATALOG
+from .models import EventLevel, EventType, FineTuningJob, JobEvent, JobPhase, JobStatus, JobStatusChange
+from .realtime import publish_job_event, publish_job_update
+from .serialization import event_to_json, job_to_json
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_ACTOR = "system"
+# Fields of the training config that the platform fills in; a caller may not set them.
+_PLATFORM_OWNED_FIELDS = {"train_file", "output_dir", "device"}
+# How often a running executor re-reads its row to notice a cancel or a newer attempt (fencing).
+_CONTROL_POLL_SECONDS = 1.0
+
+
+def _actor(user: AbstractBaseUser | None) -> str:
+    return f"user:{user.get_username()}" if user is not None and user.is_authenticated else SYSTEM_ACTOR
+
+
+def _transition(job: FineTuningJob, *, to_status: str, actor: str, phase: str | None = None, **fields) -> None:
+    """Moves the job and records the change in the same transaction."""
+    previous = job.status
+    job.status = to_status
+    if phase is not None:
+        job.phase = phase
+    for name, value in fields.items():
+        setattr(job, name, value)
+    job.save(update_fields=["status", "phase", *fields.keys()])
+    JobStatusChange.objects.create(job=job, from_status=previous, to_status=to_status, actor=actor)
+    snapshot = job_to_json(job)
+    transaction.on_commit(lambda: publish_job_update(tenant_id=job.tenant_id, job_public_id=job.public_id, job=snapshot))
+
+
+def job_event_record(
+    *, job: FineTuningJob, message: str, level: str = EventLevel.INFO, type: str = EventType.MESSAGE, data=None
+) -> JobEvent:
+    """Stores an event, then pushes the very same JSON to websocket subscribers once it is committed."""
+    event = JobEvent.objects.create(tenant_id=job.tenant_id, job=job, level=level, message=message, type=type, data=data)
+    payload = event_to_json(event, job_public_id=job.public_id)
+    transaction.on_commit(
+        lambda: publish_job_event(tenant_id=job.tenant_id, job_public_id=job.public_id, event=payload)
+    )
+    return event
+
+
+def resolve_hyperparameters(hyperparameters: dict | None) -> dict:
+    """Validates user hyperparameters against the training config and returns the full, explicit set used."""
+    hyperparameters = dict(hyperparameters or {})
+    for name in hyperparameters:
+        if name in _PLATFORM_OWNED_FIELDS:
+            raise ApiError(f"'{name}' is set by the platform, not by the job.", param=f"hyperparameters.{name}")
+    try:
+        config = FromScratchCausalLMConfig.from_dict({**hyperparameters, "train_file": "-", "output_dir": "-"})
+    except TrainingDataError as exc:
+        raise ApiError(exc.message, code=exc.code, param=f"hyperparameters.{exc.param}" if exc.param else None) from exc
+    resolved = asdict(config)
+    for name in _PLATFORM_OWNED_FIELDS:
+        resolved.pop(name, None)
+    return resolved
+
+
+@transaction.atomic
+def job_create(
+    *,
+    tenant: Tenant,
+    user: AbstractBaseUser | None,
+    training_file: File,
+    model: str,
+    hyperparameters: dict | None = None,
+    suffix: str = "",
+) -> FineTuningJob:
+    if model not in CATALOG:
+        raise ApiError(
+            f"The model '{model}' does not exist or you do not have access to it. Available: {', '.join(CATALOG)}.",
+            code="model_not_found",
+            param="model",
+        )
+    if training_file.tenant_id != tenant.pk:
+        raise ApiError("No such file.", code="not_found", param="training_file", status_code=404)
+    if training_file.status == FileStatus.ERROR:
+        raise ApiError(
+            f"File {training_file.public_id} failed validation: {training_file.status_details}",
+            code="invalid_training_file",
+            param="training_file",
+        )
+    resolved = resolve_hyperparameters(hyperparameters)
+    job = FineTuningJob.objects.create(
+        tenant=tenant,
+        model=model,
+        training_file=training_file,
+        hyperparameters=resolved,
+        suffix=(suffix or "")[:64],
+        seed=resolved.get("seed", 0),
+        total_steps=resolved["max_steps"],
+        created_by=user,
+    )
+    JobStatusChange.objects.create(job=job, from_status="", to_status=job.status, actor=_actor(user))
+    job_event_record(job=job, message=f"Created fine-tuning job: {job.public_id}")
+    if training_file.status == FileStatus.PROCESSED:
+        _enqueue(job, actor=_actor(user))
+    else:
+        job_event_record(job=job, message=f"Validating training file: {training_file.public_id}")
+    return job
+
+
+def _enqueue(job: FineTuningJob, *, actor: str) -> None:
+    _transition(job, to_status=JobStatus.QUEUED, phase=JobPhase.WAITING_FOR_WORKER, actor=actor)
+    job_event_record(job=job, message="Files validated, moving job to queued state")
+    from workers.tasks.training import run_training_job
+
+    job_id = job.pk
+    transaction.on_commit(lambda: run_training_job.delay(job_id))
+
+
+@transaction.atomic
+def jobs_advance_after_file_validation(*, file: File) -> None:
+    waiting = FineTuningJob.objects.select_for_update().filter(
+        training_file=file, status=JobStatus.VALIDATING_FILES
+    )
+    for job in waiting:
+        if file.status == FileStatus.PROCESSED:
+            _enqueue(job, actor=SYSTEM_ACTOR)
+        elif file.status == FileStatus.ERROR:
+            error = {"code": "invalid_training_file", "message": file.status_details, "param": "training_file"}
+            _transition(
+                job,
+                to_status=JobStatus.FAILED,
+                phase=JobPhase.DONE,
+                actor=SYSTEM_ACTOR,
+                error=error,
+                finished_at=timezone.now(),
+            )
+            job_event_record(job=job, level=EventLevel.ERROR, message=f"Training file invalid: {file.status_details}")
+
+
+@transaction.atomic
+def job_cancel(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | None) -> FineTuningJob:
+    job = FineTuningJob.objects.select_for_update().get(pk=job.pk, tenant=tenant)
+    if job.is_finished:
+        raise ApiError(f"Job {job.public_id} has already {job.status}; it cannot be cancelled.", code="job_finished")
+    if job.status == JobStatus.RUNNING:
+        # The executor notices within a second or so, stops between steps and records the cancellation.
+        job.cancel_requested = True
+        job.save(update_fields=["cancel_requested"])
+        job_event_record(job=job, message="Cancellation requested; stopping after the current step")
+    else:
+        _transition(
+            job,
+            to_status=JobStatus.CANCELLED,
+            phase=JobPhase.DONE,
+            actor=_actor(user),
+            finished_at=timezone.now(),
+            cancel_requested=True,
+        )
+        job_event_record(job=job, message="Job cancelled")
+    return job
+
+
+class _JobProgress:
+    """The ML library's callback: events become rows (and websocket pushes); polls cancel and fencing."""
+
+    def __init__(self, job: FineTuningJob, attempt: int):
+        self.job = job
+        self.attempt = attempt
+        self._last_poll = 0.0
+        self.stop_reason: str | None = None
+
+    def on_event(self, event: TrainingEvent) -> None:
+        if self.stop_reason == "fenced":
+            return
+        level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
+        job_event_record(job=self.job, message=event.message, level=level, type=event.type, data=event.data)
+        if event.type == EventType.METRICS and event.data:
+            # Fenced update: only the current attempt may move the progress.
+            FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(
+                steps_completed=event.data.get("step", 0),
+                total_steps=event.data.get("total_steps", self.job.total_steps),
+                latest_train_loss=event.data.get("train_loss"),
+                lease_heartbeat_at=timezone.now(),
+            )
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_poll < _CONTROL_POLL_SECONDS:
+            return self.stop_reason is not None
+        self._last_poll = now
+        current = FineTuningJob.objects.filter(pk=self.job.pk).values("attempt", "cancel_requested", "status").first()
+        if current is None or current["attempt"] != self.attempt:
+            self.stop_reason = "fenced"
+        elif current["cancel_requested"]:
+            self.stop_reason = "cancelled"
+        return self.stop_reason is not None
+
+
+def _claim(job_id: int) -> FineTuningJob | None:
+    """Takes the job's lease for a new attempt; None when there is nothing to run (finished, cancelled, taken)."""
+    with transaction.atomic():
+        job = FineTuningJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.status != JobStatus.QUEUED:
+            return None
+        attempt = job.attempt + 1
+        _transition(
+            job,
+            to_status=JobStatus.RUNNING,
+            phase=JobPhase.PREPARING,
+            actor=f"worker:{socket.gethostname()}:{os.getpid()}",
+            attempt=attempt,
+            lease_owner=f"{socket.gethostname()}:{os.getpid()}",
+            lease_heartbeat_at=timezone.now(),
+            started_at=job.started_at or timezone.now(),
+        )
+        job_event_record(job=job, message=f"Fine-tuning job started (attempt {attempt})")
+    return job
+
+
+def _finish(job: FineTuningJob, *, attempt: int, to_status: str, **fields) -> bool:
+    """Records the end of the attempt unless a newer attempt owns the job (then this executor is stale)."""
+    with transaction.atomic():
+        current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+        if current.attempt != attempt or current.is_finished:
+            return False
+        _transition(current, to_status=to_status, phase=JobPhase.DONE, actor=SYSTEM_ACTOR, finished_at=timezone.now(), **fields)
+        job.refresh_from_db()
+        return True
+
+
+def job_run(*, job_id: int) -> None:
+    """Runs one training attempt for the job: download the data, train, store the model, record the outcome."""
+    job = _claim(job_id)
+    if job is None:
+        logger.info("job %s: nothing to run", job_id)
+        return
+    attempt = job.attempt
+    work_dir = Path(settings.WORK_DIR) / "jobs" / job.public_id / f"attempt-{attempt}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    progress = _JobProgress(job, attempt)
+    try:
+        train_path = work_dir / "train.txt"
+        object_store().download_file(job.training_file.storage_key, train_path)
+        FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
+        config = FromScratchCausalLMConfig.from_dict(
+            {**job.hyperparameters, "train_file": str(train_path), "output_dir": str(work_dir / "model")}
+        )
+        result = train_causal_lm_from_scratch(config, progress)
+        if progress.stop_reason == "fenced":
+            logger.warning("job %s attempt %s: superseded by a newer attempt, stopping", job.public_id, attempt)
+            return
+        if progress.stop_reason == "cancelled":
+            if _finish(job, attempt=attempt, to_status=JobStatus.CANCELLED):
+                job_event_record(job=job, message=f"Job cancelled at step {result.steps_completed}")
+            return
+        FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.SAVING)
+        prefix = tenant_key(job.tenant_id, "models", job.public_id)
+        object_store().delete_prefix(prefix + "/")
+        object_store().upload_dir(prefix, work_dir / "model")
+        fine_tuned_model = f"ft:{job.model}:{job.tenant.slug}:{job.suffix or 'model'}:{job.public_id.split('-', 1)[1][:8]}"
+        if _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.SUCCEEDED,
+            model_storage_prefix=prefix,
+            fine_tuned_model=fine_tuned_model,
+            trained_tokens=result.train_tokens,
+        ):
+            job_event_record(job=job, message=f"New fine-tuned model created: {fine_tuned_model}")
+            job_event_record(job=job, message="The job has successfully completed")
+    except TrainingDataError as exc:
+        if _finish(job, attempt=attempt, to_status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message, "param": exc.param}):
+            job_event_record(job=job, level=EventLevel.ERROR, message=exc.message)
+    except Exception as exc:
+        logger.exception("job %s attempt %s crashed", job.public_id, attempt)
+        error = {"code": "internal_error", "message": f"Training stopped on an internal error: {exc}", "param": None}
+        if _finish(job, attempt=attempt, to_status=JobStatus.FAILED, error=error):
+            job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _local_model_dir(job: FineTuningJob) -> Path:
+    """The job's model unpacked on this machine, downloaded once (into a temp folder, then renamed)."""
+    target = Path(settings.WORK_DIR) / "models" / str(job.tenant_id) / job.public_id
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    try:
+        object_store().download_dir(job.model_storage_prefix, staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.exists():
+            raise
+    return target
+
+
+def job_generate(
+    *, tenant: Tenant, job: FineTuningJob, prompt: str, max_tokens: int = 48, temperature: float = 0.8, seed=None
+) -> GenerationResult:
+    if job.tenant_id != tenant.pk:
+        raise ApiError("No such job.", code="not_found", status_code=404)
+    if job.status != JobStatus.SUCCEEDED or not job.model_storage_prefix:
+        raise ApiError(f"Job {job.public_id} has no model yet (status: {job.status}).", code="model_not_ready")
+    if not 1 <= max_tokens <= 512:
+        raise ApiError("max_tokens must be between 1 and 512.", param="max_tokens")
+    if not 0 <= temperature <= 2:
+        raise ApiError("temperature must be between 0 and 2.", param="temperature")
+    if len(prompt) > 4000:
+        raise ApiError("The prompt is too long: keep it under 4000 characters.", param="prompt")
+    return generate_text(str(_local_model_dir(job)), prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed)

@@ -1,0 +1,24 @@
+"""Reads for tenancy: which tenants a user may act in, and in which role."""
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import QuerySet
+
+from .models import ApiKey, Membership, Tenant
+
+
+def memberships_for_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
+    return Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__name")
+
+
+def membership_get(*, user: AbstractBaseUser, tenant_id: int) -> Membership | None:
+    if not user.is_authenticated:
+        return None
+    return Membership.objects.select_related("tenant").filter(user=user, tenant_id=tenant_id).first()
+
+
+def default_membership(*, user: AbstractBaseUser) -> Membership | None:
+    return memberships_for_user(user=user).order_by("created_at").first()
+
+
+def api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
+    return ApiKey.objects.for_tenant(tenant).select_related("created_by")

@@ -1,0 +1,13 @@
+"""URL map: the dashboard at /, the OpenAI-compatible REST API at /v1/, Django admin for platform staff."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from apps.core.views import healthz
+
+urlpatterns = [
+    path("healthz", healthz, name="healthz"),
+    path("admin/", admin.site.urls),
+    path("v1/", include("apps.core.api.urls")),
+    path("", include("apps.dashboard.urls")),
+]

@@ -1,0 +1,119 @@
+"""Shared fixtures: tenants with API keys, a real Celery worker and a real ASGI server on the test database."""
+
+import json
+import os
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from tests.services import free_port, start_asgi_server, start_celery_worker, stop_process, wait_until
+
+
+@dataclass
+class TenantFixture:
+    tenant: object
+    owner: object
+    api_key: str
+    password: str = "correct-horse-battery"
+
+    def api(self) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {self.api_key}")
+        return client
+
+
+@pytest.fixture
+def make_tenant(db):
+    """Creates a tenant through the documented CLI, exactly as scripts do, plus a password for its owner."""
+    from apps.tenancy.models import Tenant
+
+    def make(slug: str) -> TenantFixture:
+        out = StringIO()
+        call_command("create_tenant", slug, "--owner-email", f"owner@{slug}.test", stdout=out)
+        created = json.loads(out.getvalue())
+        owner = get_user_model().objects.get(username=f"owner@{slug}.test")
+        fixture = TenantFixture(tenant=Tenant.objects.get(slug=created["tenant"]), owner=owner, api_key=created["api_key"])
+        owner.set_password(fixture.password)
+        owner.save()
+        return fixture
+
+    return make
+
+
+@pytest.fixture
+def tenant_a(make_tenant) -> TenantFixture:
+    return make_tenant("acme")
+
+
+@pytest.fixture
+def tenant_b(make_tenant) -> TenantFixture:
+    return make_tenant("globex")
+
+
+def _test_database_url() -> str:
+    """The URL of the database pytest-django created, for processes started outside this one."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{database['NAME']}"
+    base = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(base._replace(path="/" + database["NAME"]))
+
+
+@pytest.fixture(scope="session")
+def service_env(django_db_setup, django_db_blocker, tmp_path_factory) -> dict:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = _test_database_url()
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def service_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("service-logs")
+
+
+@pytest.fixture(scope="session")
+def celery_workers(service_env, service_logs):
+    """One real `cpu` worker and one real `gpu` worker (CPU here), fed by the real Redis broker."""
+    from tunehouse.celery import app
+
+    processes = {
+        "cpu": start_celery_worker(queues="cpu", env=service_env, log_path=service_logs / "cpu.log", name="cpu"),
+        "gpu": start_celery_worker(queues="gpu", env=service_env, log_path=service_logs / "gpu.log", name="gpu"),
+    }
+
+    def both_answer() -> bool:
+        replies = app.control.ping(timeout=0.5) or []
+        names = {name.split("@")[0] for reply in replies for name in reply}
+        return {"cpu", "gpu"} <= names
+
+    wait_until(both_answer, timeout=90, what="celery workers", log=service_logs / "gpu.log")
+    yield processes
+    for process in processes.values():
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def asgi_server(service_env, service_logs):
+    """The real ASGI application under uvicorn (HTTP and websockets), on a free port."""
+    import urllib.request
+
+    port = free_port()
+    process = start_asgi_server(port=port, env=service_env, log_path=service_logs / "asgi.log")
+    base_url = f"http://127.0.0.1:{port}"
+    wait_until(
+        lambda: urllib.request.urlopen(f"{base_url}/healthz", timeout=2).status == 200,  # noqa: S310 - loopback
+        timeout=60,
+        what="uvicorn",
+        process=process,
+        log=service_logs / "asgi.log",
+    )
+    yield base_url
+    stop_process(process)
