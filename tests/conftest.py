@@ -13,7 +13,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from tests.services import free_port, start_asgi_server, start_celery_worker, stop_process, wait_until
+from tunehouse.localrun import free_port, start_asgi_server, start_celery_worker, stop_process, wait_until
 
 
 @dataclass
@@ -39,7 +39,9 @@ def make_tenant(db):
         call_command("create_tenant", slug, "--owner-email", f"owner@{slug}.test", stdout=out)
         created = json.loads(out.getvalue())
         owner = get_user_model().objects.get(username=f"owner@{slug}.test")
-        fixture = TenantFixture(tenant=Tenant.objects.get(slug=created["tenant"]), owner=owner, api_key=created["api_key"])
+        fixture = TenantFixture(
+            tenant=Tenant.objects.get(slug=created["tenant"]), owner=owner, api_key=created["api_key"]
+        )
         owner.set_password(fixture.password)
         owner.save()
         return fixture

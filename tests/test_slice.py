@@ -75,7 +75,9 @@ def test_text_file_trains_a_model_through_real_workers(celery_workers, tenant_a)
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
 
     generated = client.post(
-        f"/v1/fine_tuning/jobs/{created['id']}/generate", {"prompt": "The cat", "max_tokens": 12, "seed": 1}, format="json"
+        f"/v1/fine_tuning/jobs/{created['id']}/generate",
+        {"prompt": "The cat", "max_tokens": 12, "seed": 1},
+        format="json",
     )
     assert generated.status_code == 200, generated.content
     body = generated.json()
@@ -85,7 +87,8 @@ def test_text_file_trains_a_model_through_real_workers(celery_workers, tenant_a)
 def test_invalid_utf8_file_fails_its_job_with_a_clear_error(celery_workers, tenant_a):
     client = tenant_a.api()
     upload = client.post(
-        "/v1/files", {"purpose": "fine-tune", "file": _file_named(b"caf\xe9 au lait\n" * 20, "latin1.txt")},
+        "/v1/files",
+        {"purpose": "fine-tune", "file": _file_named(b"caf\xe9 au lait\n" * 20, "latin1.txt")},
         format="multipart",
     ).json()
     created = client.post(

@@ -124,5 +124,7 @@ def api_keys(request):
         else:
             new_secret = created.secret
     return render(
-        request, "dashboard/api_keys.html", {"api_keys": api_keys_for_tenant(tenant=context.tenant), "new_secret": new_secret}
+        request,
+        "dashboard/api_keys.html",
+        {"api_keys": api_keys_for_tenant(tenant=context.tenant), "new_secret": new_secret},
     )

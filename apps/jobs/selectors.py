@@ -24,7 +24,9 @@ def job_events_after(*, job: FineTuningJob, after_event_id: str | None = None, l
     return list(events.order_by("id")[:limit])
 
 
-def job_events_newest_first(*, job: FineTuningJob, after_event_id: str | None = None, limit: int = 20) -> list[JobEvent]:
+def job_events_newest_first(
+    *, job: FineTuningJob, after_event_id: str | None = None, limit: int = 20
+) -> list[JobEvent]:
     """OpenAI's paging: newest first; `after` is the last id of the previous page (so, older events)."""
     events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
     if after_event_id:

@@ -53,14 +53,18 @@ def _transition(job: FineTuningJob, *, to_status: str, actor: str, phase: str | 
     job.save(update_fields=["status", "phase", *fields.keys()])
     JobStatusChange.objects.create(job=job, from_status=previous, to_status=to_status, actor=actor)
     snapshot = job_to_json(job)
-    transaction.on_commit(lambda: publish_job_update(tenant_id=job.tenant_id, job_public_id=job.public_id, job=snapshot))
+    transaction.on_commit(
+        lambda: publish_job_update(tenant_id=job.tenant_id, job_public_id=job.public_id, job=snapshot)
+    )
 
 
 def job_event_record(
-    *, job: FineTuningJob, message: str, level: str = EventLevel.INFO, type: str = EventType.MESSAGE, data=None
+    *, job: FineTuningJob, message: str, level: str = EventLevel.INFO, event_type: str = EventType.MESSAGE, data=None
 ) -> JobEvent:
     """Stores an event, then pushes the very same JSON to websocket subscribers once it is committed."""
-    event = JobEvent.objects.create(tenant_id=job.tenant_id, job=job, level=level, message=message, type=type, data=data)
+    event = JobEvent.objects.create(
+        tenant_id=job.tenant_id, job=job, level=level, message=message, type=event_type, data=data
+    )
     payload = event_to_json(event, job_public_id=job.public_id)
     transaction.on_commit(
         lambda: publish_job_event(tenant_id=job.tenant_id, job_public_id=job.public_id, event=payload)
@@ -139,9 +143,7 @@ def _enqueue(job: FineTuningJob, *, actor: str) -> None:
 
 @transaction.atomic
 def jobs_advance_after_file_validation(*, file: File) -> None:
-    waiting = FineTuningJob.objects.select_for_update().filter(
-        training_file=file, status=JobStatus.VALIDATING_FILES
-    )
+    waiting = FineTuningJob.objects.select_for_update().filter(training_file=file, status=JobStatus.VALIDATING_FILES)
     for job in waiting:
         if file.status == FileStatus.PROCESSED:
             _enqueue(job, actor=SYSTEM_ACTOR)
@@ -194,7 +196,7 @@ class _JobProgress:
         if self.stop_reason == "fenced":
             return
         level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
-        job_event_record(job=self.job, message=event.message, level=level, type=event.type, data=event.data)
+        job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=event.data)
         if event.type == EventType.METRICS and event.data:
             # Fenced update: only the current attempt may move the progress.
             FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(
@@ -244,7 +246,9 @@ def _finish(job: FineTuningJob, *, attempt: int, to_status: str, **fields) -> bo
         current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
         if current.attempt != attempt or current.is_finished:
             return False
-        _transition(current, to_status=to_status, phase=JobPhase.DONE, actor=SYSTEM_ACTOR, finished_at=timezone.now(), **fields)
+        _transition(
+            current, to_status=to_status, phase=JobPhase.DONE, actor=SYSTEM_ACTOR, finished_at=timezone.now(), **fields
+        )
         job.refresh_from_db()
         return True
 
@@ -279,7 +283,9 @@ def job_run(*, job_id: int) -> None:
         prefix = tenant_key(job.tenant_id, "models", job.public_id)
         object_store().delete_prefix(prefix + "/")
         object_store().upload_dir(prefix, work_dir / "model")
-        fine_tuned_model = f"ft:{job.model}:{job.tenant.slug}:{job.suffix or 'model'}:{job.public_id.split('-', 1)[1][:8]}"
+        fine_tuned_model = (
+            f"ft:{job.model}:{job.tenant.slug}:{job.suffix or 'model'}:{job.public_id.split('-', 1)[1][:8]}"
+        )
         if _finish(
             job,
             attempt=attempt,
@@ -291,7 +297,12 @@ def job_run(*, job_id: int) -> None:
             job_event_record(job=job, message=f"New fine-tuned model created: {fine_tuned_model}")
             job_event_record(job=job, message="The job has successfully completed")
     except TrainingDataError as exc:
-        if _finish(job, attempt=attempt, to_status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message, "param": exc.param}):
+        if _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.FAILED,
+            error={"code": exc.code, "message": exc.message, "param": exc.param},
+        ):
             job_event_record(job=job, level=EventLevel.ERROR, message=exc.message)
     except Exception as exc:
         logger.exception("job %s attempt %s crashed", job.public_id, attempt)
@@ -332,4 +343,6 @@ def job_generate(
         raise ApiError("temperature must be between 0 and 2.", param="temperature")
     if len(prompt) > 4000:
         raise ApiError("The prompt is too long: keep it under 4000 characters.", param="prompt")
-    return generate_text(str(_local_model_dir(job)), prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    return generate_text(
+        str(_local_model_dir(job)), prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed
+    )

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from tests.services import RedisServer
+from tunehouse.localrun import RedisServer
 
 _redis: RedisServer | None = None
 _data_dir: str | None = None

@@ -37,7 +37,9 @@ class JobListCreateView(TenantAPIView):
         training_file_id = _require_string(data, "training_file")
         training_file = file_get(tenant=self.tenant, public_id=training_file_id)
         if training_file is None:
-            raise ApiError(f"No such file: {training_file_id}.", code="not_found", param="training_file", status_code=404)
+            raise ApiError(
+                f"No such file: {training_file_id}.", code="not_found", param="training_file", status_code=404
+            )
         hyperparameters = data.get("hyperparameters") or {}
         if not isinstance(hyperparameters, dict):
             raise ApiError("'hyperparameters' must be an object.", param="hyperparameters")

@@ -34,5 +34,7 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
         self.stdout.write(
-            json.dumps({"tenant": tenant.slug, "tenant_id": tenant.pk, "owner": owner.get_username(), "api_key": key.secret})
+            json.dumps(
+                {"tenant": tenant.slug, "tenant_id": tenant.pk, "owner": owner.get_username(), "api_key": key.secret}
+            )
         )

@@ -1,0 +1,264 @@
+"""Walks every URL pattern (HTTP and websocket) with two tenants: tenant B must never read or change tenant A's
+objects, through any door. A route without a probe here fails the test, so a new endpoint cannot slip past."""
+
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from apps.core.storage import object_store, tenant_key
+from apps.datasets.models import File
+from apps.jobs.models import FineTuningJob, JobStatus
+from apps.jobs.services import job_create, job_event_record
+from apps.tenancy.models import ApiKey
+from tunehouse.asgi import application
+from tunehouse.routing import websocket_urlpatterns
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _route_names(patterns, namespace: str = "") -> set[str]:
+    names = set()
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            inner = f"{namespace}{pattern.namespace}:" if pattern.namespace else namespace
+            names |= _route_names(pattern.url_patterns, inner)
+        elif isinstance(pattern, URLPattern):
+            names.add(f"{namespace}{pattern.name}" if pattern.name else f"{namespace}<unnamed {pattern.pattern}>")
+    return names
+
+
+@pytest.fixture
+def world(tenant_a, tenant_b):
+    """Tenant A owns a file, a job with events and a stored object; tenant B is the attacker."""
+    file = File.objects.create(
+        tenant=tenant_a.tenant,
+        filename="secret-corpus.txt",
+        bytes=6,
+        sha256="a" * 64,
+        storage_key=tenant_key(tenant_a.tenant.pk, "files", "secret"),
+    )
+    object_store().put_bytes(file.storage_key, b"secret")
+    job = job_create(tenant=tenant_a.tenant, user=None, training_file=file, model="gpt2-tiny")
+    job_event_record(job=job, message="tenant A's private progress")
+    browser_b = Client()
+    browser_b.force_login(tenant_b.owner)
+    return {
+        "a": tenant_a,
+        "b": tenant_b,
+        "file": file,
+        "job": job,
+        "api_b": Client(HTTP_AUTHORIZATION=f"Bearer {tenant_b.api_key}"),
+        "browser_b": browser_b,
+        "a_key": ApiKey.objects.for_tenant(tenant_a.tenant).get(),
+    }
+
+
+def _secrets_of_a(w) -> list[bytes]:
+    return [w["file"].public_id.encode(), w["job"].public_id.encode(), b"secret-corpus", w["a_key"].prefix.encode()]
+
+
+def _assert_no_leak(response, w):
+    for secret in _secrets_of_a(w):
+        assert secret not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def _assert_not_found(response):
+    assert response.status_code == 404, (response.request["PATH_INFO"], response.status_code)
+
+
+def probe_public_page(path):
+    def probe(w):
+        for client in (w["browser_b"], Client()):
+            response = client.get(path)
+            assert response.status_code in (200, 302, 405)
+            _assert_no_leak(response, w)
+
+    return probe
+
+
+def probe_logout(w):
+    response = w["browser_b"].post("/logout/")
+    assert response.status_code == 302
+    _assert_no_leak(response, w)
+
+
+def probe_healthz(w):
+    response = Client().get("/healthz")
+    assert response.json()["status"] == "ok"
+    _assert_no_leak(response, w)
+
+
+def probe_admin(w):
+    # Django admin is for platform staff only: a tenant owner is sent to the admin login, sees nothing.
+    for path in ["/admin/", f"/admin/jobs/finetuningjob/{w['job'].pk}/change/", "/admin/datasets/file/"]:
+        response = w["browser_b"].get(path)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def probe_file_list(w):
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/files")
+        assert response.status_code == 200
+        _assert_no_leak(response, w)
+
+
+def probe_file_detail(w):
+    path = f"/v1/files/{w['file'].public_id}"
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(path))
+        _assert_not_found(client.delete(path))
+    assert File.objects.filter(pk=w["file"].pk).exists()
+    assert object_store().exists(w["file"].storage_key)
+
+
+def probe_file_content(w):
+    _assert_not_found(w["api_b"].get(f"/v1/files/{w['file'].public_id}/content"))
+
+
+def probe_job_list(w):
+    response = w["api_b"].get("/v1/fine_tuning/jobs")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+    # B cannot train on A's file by naming its id.
+    response = w["api_b"].post(
+        "/v1/fine_tuning/jobs",
+        {"model": "gpt2-tiny", "training_file": w["file"].public_id},
+        content_type="application/json",
+    )
+    _assert_not_found(response)
+    assert FineTuningJob.objects.count() == 1
+
+
+def probe_job_detail(w):
+    _assert_not_found(w["api_b"].get(f"/v1/fine_tuning/jobs/{w['job'].public_id}"))
+
+
+def probe_job_events(w):
+    _assert_not_found(w["api_b"].get(f"/v1/fine_tuning/jobs/{w['job'].public_id}/events"))
+
+
+def probe_job_cancel(w):
+    _assert_not_found(w["api_b"].post(f"/v1/fine_tuning/jobs/{w['job'].public_id}/cancel"))
+    w["job"].refresh_from_db()
+    assert w["job"].status != JobStatus.CANCELLED and not w["job"].cancel_requested
+
+
+def probe_job_generate(w):
+    response = w["api_b"].post(
+        f"/v1/fine_tuning/jobs/{w['job'].public_id}/generate", {"prompt": "x"}, content_type="application/json"
+    )
+    _assert_not_found(response)
+
+
+def probe_dashboard_home(w):
+    response = w["browser_b"].get("/")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+
+
+def probe_dashboard_job(w):
+    _assert_not_found(w["browser_b"].get(f"/jobs/{w['job'].public_id}/"))
+
+
+def probe_switch_tenant(w):
+    _assert_not_found(w["browser_b"].post("/tenants/switch/", {"tenant_id": w["a"].tenant.pk}))
+
+
+def probe_api_keys(w):
+    response = w["browser_b"].get("/settings/api-keys/")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+    revoke = w["browser_b"].post("/settings/api-keys/", {"action": "revoke", "key_id": w["a_key"].public_id})
+    _assert_not_found(revoke)
+    w["a_key"].refresh_from_db()
+    assert w["a_key"].revoked_at is None
+
+
+async def _ws_output(path: str, api_key: str):
+    communicator = WebsocketCommunicator(
+        application,
+        path,
+        headers=[
+            (b"origin", b"http://127.0.0.1"),
+            (b"host", b"127.0.0.1"),
+            (b"authorization", f"Bearer {api_key}".encode()),
+        ],
+    )
+    await communicator.connect(timeout=10)
+    return communicator
+
+
+def probe_ws_job_events(w):
+    async def run():
+        communicator = await _ws_output(f"/ws/fine_tuning/jobs/{w['job'].public_id}/", w["b"].api_key)
+        assert await communicator.receive_output(timeout=10) == {"type": "websocket.close", "code": 4404}
+
+    async_to_sync(run)()
+
+
+def probe_ws_tenant_events(w):
+    async def run():
+        communicator = await _ws_output("/ws/events/", w["b"].api_key)
+        await asyncio.sleep(0.1)
+        from channels.db import database_sync_to_async
+
+        await database_sync_to_async(job_event_record)(job=w["job"], message="tenant A's private progress 2")
+        assert await communicator.receive_nothing(timeout=0.5)
+        await communicator.disconnect()
+
+    async_to_sync(run)()
+
+
+HTTP_PROBES = {
+    "healthz": probe_healthz,
+    "api:file-list": probe_file_list,
+    "api:file-detail": probe_file_detail,
+    "api:file-content": probe_file_content,
+    "api:job-list": probe_job_list,
+    "api:job-detail": probe_job_detail,
+    "api:job-events": probe_job_events,
+    "api:job-cancel": probe_job_cancel,
+    "api:job-generate": probe_job_generate,
+    "dashboard:home": probe_dashboard_home,
+    "dashboard:login": probe_public_page("/login/"),
+    "dashboard:logout": probe_logout,
+    "dashboard:signup": probe_public_page("/signup/"),
+    "dashboard:switch-tenant": probe_switch_tenant,
+    "dashboard:job-detail": probe_dashboard_job,
+    "dashboard:api-keys": probe_api_keys,
+}
+WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}
+
+
+def test_every_route_has_an_isolation_probe():
+    routes = {name for name in _route_names(get_resolver().url_patterns) if not name.startswith("admin:")}
+    assert routes - set(HTTP_PROBES) == set(), "new routes need a tenant-isolation probe in this file"
+    assert set(HTTP_PROBES) - routes == set(), "probes for routes that no longer exist"
+    assert {p.name for p in websocket_urlpatterns} == set(WEBSOCKET_PROBES)
+
+
+@pytest.mark.parametrize("route", sorted(HTTP_PROBES))
+def test_http_route_does_not_leak_across_tenants(world, route):
+    HTTP_PROBES[route](world)
+
+
+def test_admin_routes_are_staff_only(world):
+    probe_admin(world)
+
+
+@pytest.mark.parametrize("route", sorted(WEBSOCKET_PROBES))
+def test_websocket_route_does_not_leak_across_tenants(world, route):
+    WEBSOCKET_PROBES[route](world)
+
+
+def test_storage_keys_are_confined_to_the_tenant_prefix(world):
+    assert world["file"].storage_key.startswith(f"tenants/{world['a'].tenant.pk}/")
+    assert object_store().list_keys(f"tenants/{world['b'].tenant.pk}/") == []
+    # A key that tries to climb out of tenant B's prefix into tenant A's is refused by the store itself.
+    escaping_key = tenant_key(world["b"].tenant.pk, "..", str(world["a"].tenant.pk), "files", "secret")
+    with pytest.raises(ValueError):
+        object_store().get_bytes(escaping_key)
