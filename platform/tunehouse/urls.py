@@ -11,3 +11,6 @@ urlpatterns = [
     path("v1/", include("apps.core.api.urls")),
     path("", include("apps.dashboard.urls")),
 ]
+
+handler404 = "apps.core.views.not_found"
+handler500 = "apps.core.views.server_error"

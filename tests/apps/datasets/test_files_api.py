@@ -112,3 +112,9 @@ def test_bad_list_parameters(tenant_a):
     assert client.get("/v1/files", {"limit": 0}).status_code == 400
     assert client.get("/v1/files", {"order": "sideways"}).json()["error"]["param"] == "order"
     assert client.get("/v1/files", {"after": "file-nope"}).status_code == 404
+
+
+def test_unknown_api_path_answers_in_openai_shape(tenant_a):
+    response = tenant_a.api().get("/v1/no-such-thing")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_url"
