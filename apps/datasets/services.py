@@ -129,19 +129,17 @@ def file_validate(*, file_id: int) -> File:
         "characters": character_count,
         "lines": newline_count + (0 if ends_with_newline else 1),
     }
-    file.validation_report = report
-    if error:
-        file.status = FileStatus.ERROR
-        file.status_details = error
-    else:
-        file.status = FileStatus.PROCESSED
-        file.status_details = ""
-    file.save(update_fields=["validation_report", "status", "status_details"])
-    logger.info("validated %s: %s", file.public_id, file.status)
-
     from apps.jobs.services import jobs_advance_after_file_validation
 
-    jobs_advance_after_file_validation(file=file)
+    with transaction.atomic():
+        # The same row lock job_create takes: a job created meanwhile is either seen here or sees the result.
+        file = File.objects.select_for_update().get(pk=file_id)
+        file.validation_report = report
+        file.status = FileStatus.ERROR if error else FileStatus.PROCESSED
+        file.status_details = error or ""
+        file.save(update_fields=["validation_report", "status", "status_details"])
+        jobs_advance_after_file_validation(file=file)
+    logger.info("validated %s: %s", file.public_id, file.status)
     return file
 
 

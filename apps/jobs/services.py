@@ -88,6 +88,15 @@ def resolve_hyperparameters(hyperparameters: dict | None) -> dict:
     return resolved
 
 
+def validate_base_model(model: str) -> None:
+    if model not in CATALOG:
+        raise ApiError(
+            f"The model '{model}' does not exist or you do not have access to it. Available: {', '.join(CATALOG)}.",
+            code="model_not_found",
+            param="model",
+        )
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -98,14 +107,12 @@ def job_create(
     hyperparameters: dict | None = None,
     suffix: str = "",
 ) -> FineTuningJob:
-    if model not in CATALOG:
-        raise ApiError(
-            f"The model '{model}' does not exist or you do not have access to it. Available: {', '.join(CATALOG)}.",
-            code="model_not_found",
-            param="model",
-        )
+    validate_base_model(model)
     if training_file.tenant_id != tenant.pk:
         raise ApiError("No such file.", code="not_found", param="training_file", status_code=404)
+    # Lock the file row and read its status afresh: validation records its result under the same lock, so either
+    # it sees this job waiting, or this job sees the result. Without it a job could wait forever.
+    training_file = File.objects.select_for_update().get(pk=training_file.pk)
     if training_file.status == FileStatus.ERROR:
         raise ApiError(
             f"File {training_file.public_id} failed validation: {training_file.status_details}",

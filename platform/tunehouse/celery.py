@@ -11,3 +11,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tunehouse.settings")
 
 app = Celery("tunehouse", include=["workers.tasks.datasets", "workers.tasks.training"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# Celery's "current app" is per thread; Django under ASGI runs views in worker threads, where `shared_task` would
+# otherwise fall back to an unconfigured default app (and send tasks to amqp://localhost). Make ours the default.
+app.set_default()

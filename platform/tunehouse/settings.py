@@ -105,7 +105,9 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "tunehouse:channels"},
+        # channels-redis blocks on Redis for up to 5 s per receive; redis-py 8 times out socket reads after 5 s by
+        # default, which broke idle websockets every 5 s. A longer read timeout keeps them open.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": "tunehouse:channels"},
     }
 }
 
@@ -167,6 +169,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "apps.core.api.errors.openai_exception_handler",
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "apps.core.api.negotiation.AlwaysJsonNegotiation",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 

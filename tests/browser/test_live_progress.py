@@ -37,26 +37,27 @@ def _sign_in(page: Page, tenant) -> None:
     page.goto("/login/")
     page.get_by_label("Email", exact=True).fill(tenant.owner.username)
     page.get_by_label("Password", exact=True).fill(tenant.password)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     page.wait_for_url(re.compile(r"/$"))
     expect(page.get_by_role("heading", name="New training job")).to_be_visible()
     expect(page.locator(".tenant-name")).to_have_text(tenant.tenant.name)
 
 
-def _wait_live(page: Page, predicate: str, *, arg=None, timeout_s: float, what: str) -> dict:
+def _wait_live(page: Page, predicate: str, *, arg=None, timeout_s: float, what: str, logs) -> dict:
     """Waits (polling every 50 ms) until `predicate` holds on the job page; returns the page state at that moment."""
     try:
         handle = page.wait_for_function(predicate, arg=arg, polling=50, timeout=timeout_s * 1000)
     except PlaywrightError as exc:
         raise AssertionError(
             f"live progress: {what} was not seen within {timeout_s:.0f} s without reloading; "
-            f"the page shows {page.evaluate(READ_JOB_PAGE)}"
+            f"the page shows {page.evaluate(READ_JOB_PAGE)}. A status stuck before 'running' means no worker ran "
+            f"the job; 'connection' other than 'live' means the websocket is down. Server logs: {logs}"
         ) from exc
     return handle.json_value()
 
 
 def test_job_page_shows_live_progress_without_reloading(
-    browser, asgi_server, celery_workers, tenant_a, tenant_b, tmp_path
+    browser, asgi_server, celery_workers, service_logs, tenant_a, tenant_b, tmp_path
 ):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(english_corpus(sentences=600), encoding="utf-8")
@@ -80,7 +81,7 @@ def test_job_page_shows_live_progress_without_reloading(
         )
         page.get_by_label("Upload a plain text file (.txt) to train on").set_input_files(corpus)
         with page.expect_navigation():
-            page.get_by_role("button", name="Upload").click()
+            page.get_by_role("button", name="Upload", exact=True).click()
         assert page.evaluate('() => sessionStorage.getItem("uploadProgress")') == "100"
         assert re.match(r"Uploaded corpus\.txt as file-", page.evaluate('() => sessionStorage.getItem("uploadStatus")'))
         file_row = page.locator("#files tbody tr[data-file-id]", has_text="corpus.txt")
@@ -91,7 +92,7 @@ def test_job_page_shows_live_progress_without_reloading(
         page.get_by_label("Training file").select_option(file_id)
         page.get_by_label("max_steps", exact=True).fill(str(MAX_STEPS))
         page.get_by_label("context_length", exact=True).fill(str(CONTEXT_LENGTH))
-        page.get_by_role("button", name="Train from scratch").click()
+        page.get_by_role("button", name="Train from scratch", exact=True).click()
         page.wait_for_url(re.compile(r"/jobs/[^/]+/$"))
         job_url = page.url
         page.evaluate("() => { window.__marker = 1; }")
@@ -107,6 +108,7 @@ def test_job_page_shows_live_progress_without_reloading(
             }""".replace("(READ)", f"({READ_JOB_PAGE})"),
             timeout_s=120,
             what="an intermediate value of the progress bar",
+            logs=service_logs,
         )
         assert 0 < first["value"] < first["max"] == MAX_STEPS, first
         first_loss = float(first["loss"])  # a number, not the placeholder dash
@@ -120,6 +122,7 @@ def test_job_page_shows_live_progress_without_reloading(
             arg={"step": int(first["step"]), "loss": first["loss"]},
             timeout_s=60,
             what=f"a step after {first['step']} with a new loss",
+            logs=service_logs,
         )
         assert int(second["step"]) > int(first["step"]), (first, second)
         assert float(second["loss"]) != first_loss, (first, second)
@@ -134,7 +137,7 @@ def test_job_page_shows_live_progress_without_reloading(
         # 5. Try the model.
         expect(page.get_by_role("heading", name="Try the model")).to_be_visible()
         prompt = page.get_by_label("Prompt").input_value()
-        page.get_by_role("button", name="Generate").click()
+        page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function(
             """(prompt) => {
               const text = document.getElementById("generate-output").textContent;

@@ -29,7 +29,9 @@ def test_stdlib_platform_under_pytest():
 def test_project_imports_from_any_folder(tmp_path):
     code = (
         "import platform, tunehouse, apps, workers, pathlib, sysconfig;"
-        "assert pathlib.Path(platform.__file__).resolve().parent == pathlib.Path(sysconfig.get_paths()['stdlib']).resolve();"
+        "stdlib = pathlib.Path(sysconfig.get_paths()['stdlib']).resolve();"
+        "assert pathlib.Path(platform.__file__).resolve().parent == stdlib;"
+        "assert tunehouse.celery_app.main == 'tunehouse';"
         "print(platform.system())"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
@@ -119,7 +121,7 @@ def test_settings_come_from_the_environment(tmp_path):
     code = (
         "import django, json; django.setup(); from django.conf import settings as s;"
         "print(json.dumps([s.DATABASES['default']['ENGINE'], s.DATABASES['default']['HOST'], s.CELERY_BROKER_URL,"
-        " s.CHANNEL_LAYERS['default']['CONFIG']['hosts'][0], s.S3_BUCKET, s.ALLOWED_HOSTS]))"
+        " s.CHANNEL_LAYERS['default']['CONFIG']['hosts'][0]['address'], s.S3_BUCKET, s.ALLOWED_HOSTS]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True

@@ -1,7 +1,5 @@
 """`/v1/files`: OpenAI's Files API (purpose `fine-tune`)."""
 
-from django.http import StreamingHttpResponse
-from django.utils.http import content_disposition_header
 from rest_framework import status
 from rest_framework.response import Response
 
@@ -9,6 +7,7 @@ from apps.core.api.base import TenantAPIView
 from apps.core.api.errors import ApiError
 from apps.core.api.pagination import cursor_page
 from apps.core.storage import object_store
+from apps.core.streaming import stream_download
 
 from ..models import File
 from ..services import READ_CHUNK_BYTES, file_delete, file_upload, max_upload_bytes
@@ -84,10 +83,4 @@ class FileContentView(TenantAPIView):
 
     def get(self, request, public_id):
         file = self.get_object()
-        stream = object_store().open(file.storage_key)
-        response = StreamingHttpResponse(
-            iter(lambda: stream.read(READ_CHUNK_BYTES), b""), content_type="application/octet-stream"
-        )
-        response["Content-Length"] = str(file.bytes)
-        response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=file.filename)
-        return response
+        return stream_download(request, object_store().open(file.storage_key), size=file.bytes, filename=file.filename)

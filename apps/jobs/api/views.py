@@ -10,7 +10,7 @@ from apps.datasets.selectors import file_get
 from ..models import FineTuningJob
 from ..selectors import job_events_newest_first
 from ..serialization import event_to_json, job_to_json
-from ..services import job_cancel, job_create, job_generate
+from ..services import job_cancel, job_create, job_generate, validate_base_model
 
 
 def _require_string(data, name: str, *, required: bool = True, default: str = "") -> str:
@@ -34,6 +34,7 @@ class JobListCreateView(TenantAPIView):
     def post(self, request):
         data = request.data
         model = _require_string(data, "model")
+        validate_base_model(model)  # before the file lookup: the cheaper mistake is reported first
         training_file_id = _require_string(data, "training_file")
         training_file = file_get(tenant=self.tenant, public_id=training_file_id)
         if training_file is None:
