@@ -1,4 +1,4 @@
-"""Browser fixtures: one headless Debian Chromium per test session, driven through Playwright's sync API.
+"""Browser fixtures: one headless Debian Chromium per browser test, driven through Playwright's sync API.
 
 Playwright's own browser download cannot work offline, so the browser is the system Chromium that `make test`
 installs (its `browser` target). A missing Chromium fails the browser tests loudly; it never skips them.
@@ -31,18 +31,19 @@ def _chromium_path() -> str:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser(service_env):
-    """A headless Chromium shared by the session's browser tests.
+    """A headless Chromium for one test (about a second to start).
 
     Playwright's sync API keeps an asyncio event loop marked as running in this thread for as long as it is started,
     so every Django ORM call made meanwhile in this thread (the tenant fixtures' setup, the transactional database
-    flush at teardown, any query in a test) would raise SynchronousOnlyOperation. Ordering the ORM work before
-    Playwright is not possible here: this fixture is session-scoped, so pytest starts it before the function-scoped
-    tenant fixtures and stops it after their flush. We therefore set DJANGO_ALLOW_ASYNC_UNSAFE for exactly the
-    lifetime of the browser. The ORM still runs synchronously in one thread (Playwright only switches greenlets inside
-    its own calls), so nothing unsafe actually happens. Depending on `service_env` snapshots the environment of the
-    uvicorn and Celery subprocesses before the variable is set, so the real servers keep Django's async-safety check.
+    flush at teardown, any query in a test) would raise SynchronousOnlyOperation. We therefore set
+    DJANGO_ALLOW_ASYNC_UNSAFE for exactly the lifetime of the browser, which is one test: a longer-lived Playwright
+    would leave its running loop (and the variable) behind for the tests after it, breaking their async_to_sync
+    calls and `check --deploy`. The ORM still runs synchronously in one thread (Playwright only switches greenlets
+    inside its own calls), so nothing unsafe actually happens. Depending on `service_env` snapshots the environment
+    of the uvicorn and Celery subprocesses before the variable is set, so the real servers keep Django's async-safety
+    check.
     """
     from playwright.sync_api import sync_playwright
 
