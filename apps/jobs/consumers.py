@@ -63,15 +63,20 @@ class JobEventsConsumer(_TenantConsumer):
         # Join before replaying so nothing written in between is lost; clients drop duplicates by id.
         await self.join(job_group(tenant.pk, job.public_id))
         after = parse_qs(self.scope.get("query_string", b"").decode()).get("after", [None])[0]
-        snapshot, backlog = await database_sync_to_async(_job_snapshot_and_backlog)(job, after)
-        await self.send_json(snapshot)
-        for event in backlog:
-            await self.send_json(event)
+        await self.send_json(await database_sync_to_async(job_to_json)(job))
+        # The backlog goes out page by page, so a long job's replay never sits whole in memory.
+        while backlog := await database_sync_to_async(_backlog_page)(job, after):
+            for event in backlog:
+                await self.send_json(event)
+            after = backlog[-1]["id"]
 
 
-def _job_snapshot_and_backlog(job, after):
-    events = job_events_after(job=job, after_event_id=after)
-    return job_to_json(job), [event_to_json(event, job_public_id=job.public_id) for event in events]
+_REPLAY_PAGE_SIZE = 500
+
+
+def _backlog_page(job, after: str | None) -> list[dict]:
+    events = job_events_after(job=job, after_event_id=after, limit=_REPLAY_PAGE_SIZE)
+    return [event_to_json(event, job_public_id=job.public_id) for event in events]
 
 
 class TenantEventsConsumer(_TenantConsumer):

@@ -14,26 +14,25 @@ def job_get(*, tenant: Tenant, public_id: str) -> FineTuningJob | None:
     return job_list(tenant=tenant).filter(public_id=public_id).first()
 
 
+def _job_events_beyond(job: FineTuningJob, event_id: str | None, *, newer: bool):
+    """The job's events newer (or older) than `event_id`; all of them when the id is not one of this job's."""
+    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
+    anchor = events.filter(public_id=event_id).values_list("id", flat=True).first() if event_id else None
+    if anchor is None:
+        return events
+    return events.filter(id__gt=anchor) if newer else events.filter(id__lt=anchor)
+
+
 def job_events_after(*, job: FineTuningJob, after_event_id: str | None = None, limit: int = 1000) -> list[JobEvent]:
     """Events in the order they were written, strictly after `after_event_id` (a reconnecting client's last one)."""
-    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
-    if after_event_id:
-        anchor = events.filter(public_id=after_event_id).values_list("id", flat=True).first()
-        if anchor is not None:
-            events = events.filter(id__gt=anchor)
-    return list(events.order_by("id")[:limit])
+    return list(_job_events_beyond(job, after_event_id, newer=True).order_by("id")[:limit])
 
 
 def job_events_newest_first(
     *, job: FineTuningJob, after_event_id: str | None = None, limit: int = 20
 ) -> list[JobEvent]:
     """OpenAI's paging: newest first; `after` is the last id of the previous page (so, older events)."""
-    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job)
-    if after_event_id:
-        anchor = events.filter(public_id=after_event_id).values_list("id", flat=True).first()
-        if anchor is not None:
-            events = events.filter(id__lt=anchor)
-    return list(events.order_by("-id")[:limit])
+    return list(_job_events_beyond(job, after_event_id, newer=False).order_by("-id")[:limit])
 
 
 def file_is_used_by_jobs(*, tenant: Tenant, file: File) -> bool:

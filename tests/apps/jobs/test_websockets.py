@@ -114,3 +114,18 @@ async def test_foreign_origin_is_rejected(tenant_a):
     connected, _ = await communicator.connect(timeout=10)
     assert not connected
     await asyncio.sleep(0)
+
+
+async def test_long_backlog_is_replayed_completely_in_order(tenant_a):
+    from apps.jobs.models import JobEvent
+
+    job = await sync_to_async(_job_for)(tenant_a.tenant)
+    await sync_to_async(JobEvent.objects.bulk_create)(
+        [JobEvent(tenant=tenant_a.tenant, job=job, message=f"step {n}") for n in range(1200)]
+    )
+    communicator, _ = await _connect(f"/ws/fine_tuning/jobs/{job.public_id}/", [_bearer(tenant_a.api_key)])
+    _snapshot, *replayed = await _receive_until_closed_or(communicator, 1 + 1202)
+    assert [event["message"] for event in replayed[2:]] == [f"step {n}" for n in range(1200)]
+    assert len({event["id"] for event in replayed}) == 1202
+    assert await communicator.receive_nothing(timeout=0.3)
+    await communicator.disconnect()
