@@ -70,10 +70,25 @@ def _test_database_url() -> str:
 
 @pytest.fixture(scope="session")
 def service_env(django_db_setup, django_db_blocker, tmp_path_factory) -> dict:
+    """Environment for processes started outside this one; torn down after them, before the test database."""
     env = dict(os.environ)
     env["DATABASE_URL"] = _test_database_url()
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    yield env
+    _drop_leftover_sessions(django_db_blocker)
+
+
+def _drop_leftover_sessions(django_db_blocker) -> None:
+    """A Celery pool child can outlive its parent by a moment; PostgreSQL then refuses to drop the test database."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
 
 
 @pytest.fixture(scope="session")
