@@ -10,7 +10,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.core.storage import object_store, tenant_key
-from apps.datasets.models import File
+from apps.datasets.models import File, Tokenizer
 from apps.jobs.models import FineTuningJob, JobStatus
 from apps.jobs.services import job_create, job_event_record
 from apps.tenancy.models import ApiKey
@@ -44,6 +44,14 @@ def world(tenant_a, tenant_b):
     object_store().put_bytes(file.storage_key, b"secret")
     job = job_create(tenant=tenant_a.tenant, user=None, training_file=file, model="gpt2-tiny")
     job_event_record(job=job, message="tenant A's private progress")
+    tokenizer = Tokenizer.objects.create(
+        tenant=tenant_a.tenant,
+        name="secret-tokenizer",
+        algorithm="bpe",
+        vocab_size=500,
+        training_file=file,
+        status="ready",
+    )
     browser_b = Client()
     browser_b.force_login(tenant_b.owner)
     return {
@@ -54,11 +62,19 @@ def world(tenant_a, tenant_b):
         "api_b": Client(HTTP_AUTHORIZATION=f"Bearer {tenant_b.api_key}"),
         "browser_b": browser_b,
         "a_key": ApiKey.objects.for_tenant(tenant_a.tenant).get(),
+        "tokenizer": tokenizer,
     }
 
 
 def _secrets_of_a(w) -> list[bytes]:
-    return [w["file"].public_id.encode(), w["job"].public_id.encode(), b"secret-corpus", w["a_key"].prefix.encode()]
+    return [
+        w["file"].public_id.encode(),
+        w["job"].public_id.encode(),
+        b"secret-corpus",
+        w["a_key"].prefix.encode(),
+        w["tokenizer"].public_id.encode(),
+        b"secret-tokenizer",
+    ]
 
 
 def _assert_no_leak(response, w):
@@ -117,6 +133,59 @@ def probe_file_detail(w):
 
 def probe_file_content(w):
     _assert_not_found(w["api_b"].get(f"/v1/files/{w['file'].public_id}/content"))
+
+
+def probe_file_validate(w):
+    path = f"/v1/files/{w['file'].public_id}/validate"
+    _assert_not_found(w["api_b"].post(path, {}, content_type="application/json"))
+    # Nor can B point its own validation at A's tokenizer.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/x"
+    )
+    response = w["api_b"].post(
+        f"/v1/files/{own.public_id}/validate", {"tokenizer": w["tokenizer"].public_id}, content_type="application/json"
+    )
+    _assert_not_found(response)
+
+
+def probe_file_preview(w):
+    _assert_not_found(w["api_b"].get(f"/v1/files/{w['file'].public_id}/preview", {"tokenizer": "tok-x"}))
+
+
+def probe_tokenizer_list(w):
+    response = w["api_b"].get("/v1/tokenizers")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+    # B cannot train a tokenizer on A's file.
+    response = w["api_b"].post(
+        "/v1/tokenizers", {"training_file": w["file"].public_id}, content_type="application/json"
+    )
+    _assert_not_found(response)
+
+
+def probe_tokenizer_detail(w):
+    path = f"/v1/tokenizers/{w['tokenizer'].public_id}"
+    _assert_not_found(w["api_b"].get(path))
+    _assert_not_found(w["api_b"].delete(path))
+    assert Tokenizer.objects.filter(pk=w["tokenizer"].pk).exists()
+
+
+def probe_dashboard_file(w):
+    _assert_not_found(w["browser_b"].get(f"/files/{w['file'].public_id}/"))
+
+
+def probe_dashboard_file_errors(w):
+    _assert_not_found(w["browser_b"].get(f"/files/{w['file'].public_id}/errors.csv"))
+
+
+def probe_dashboard_tokenizers(w):
+    response = w["browser_b"].get("/tokenizers/")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+
+
+def probe_dashboard_tokenizer(w):
+    _assert_not_found(w["browser_b"].get(f"/tokenizers/{w['tokenizer'].public_id}/"))
 
 
 def probe_job_list(w):
@@ -218,6 +287,14 @@ HTTP_PROBES = {
     "api:file-list": probe_file_list,
     "api:file-detail": probe_file_detail,
     "api:file-content": probe_file_content,
+    "api:file-validate": probe_file_validate,
+    "api:file-preview": probe_file_preview,
+    "api:tokenizer-list": probe_tokenizer_list,
+    "api:tokenizer-detail": probe_tokenizer_detail,
+    "dashboard:file-detail": probe_dashboard_file,
+    "dashboard:file-errors-csv": probe_dashboard_file_errors,
+    "dashboard:tokenizers": probe_dashboard_tokenizers,
+    "dashboard:tokenizer-detail": probe_dashboard_tokenizer,
     "api:job-list": probe_job_list,
     "api:job-detail": probe_job_detail,
     "api:job-events": probe_job_events,

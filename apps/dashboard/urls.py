@@ -13,4 +13,8 @@ urlpatterns = [
     path("tenants/switch/", views.switch_tenant, name="switch-tenant"),
     path("jobs/<str:public_id>/", views.job_detail, name="job-detail"),
     path("settings/api-keys/", views.api_keys, name="api-keys"),
+    path("files/<str:public_id>/", views.file_detail, name="file-detail"),
+    path("files/<str:public_id>/errors.csv", views.file_errors_csv, name="file-errors-csv"),
+    path("tokenizers/", views.tokenizers, name="tokenizers"),
+    path("tokenizers/<str:public_id>/", views.tokenizer_detail, name="tokenizer-detail"),
 ]

@@ -7,11 +7,13 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from apps.datasets.selectors import file_list
+from apps.core.csv_export import csv_text
+from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
+from apps.datasets.services import PREVIEW_MAX_EXAMPLES
 from apps.jobs.catalog import CATALOG
 from apps.jobs.selectors import job_get, job_list
 from apps.jobs.serialization import job_to_json
@@ -20,6 +22,8 @@ from apps.tenancy.models import ApiKey
 from apps.tenancy.selectors import api_keys_for_tenant, membership_get
 from apps.tenancy.services import api_key_create, api_key_revoke, user_sign_up
 from workers.ml.config import FromScratchCausalLMConfig
+from workers.ml.data.templates import CHAT_TEMPLATES
+from workers.ml.tokenizer_training import TOKENIZER_ALGORITHMS
 
 
 class SignUpForm(forms.Form):
@@ -128,3 +132,59 @@ def api_keys(request):
         "dashboard/api_keys.html",
         {"api_keys": api_keys_for_tenant(tenant=context.tenant), "new_secret": new_secret},
     )
+
+
+@login_required
+def file_detail(request, public_id: str):
+    context = _require_tenant(request)
+    file = file_get(tenant=context.tenant, public_id=public_id)
+    if file is None:
+        raise Http404("No such file.")
+    return render(
+        request,
+        "dashboard/file_detail.html",
+        {
+            "file": file,
+            "report": file.validation_report or {},
+            "tokenizers": tokenizer_list(tenant=context.tenant).filter(status="ready"),
+            "templates": CHAT_TEMPLATES,
+            "preview_max": PREVIEW_MAX_EXAMPLES,
+        },
+    )
+
+
+@login_required
+def file_errors_csv(request, public_id: str):
+    """The validation errors as CSV; cells are neutralised so a spreadsheet never runs user data as a formula."""
+    context = _require_tenant(request)
+    file = file_get(tenant=context.tenant, public_id=public_id)
+    if file is None:
+        raise Http404("No such file.")
+    errors = (file.validation_report or {}).get("errors") or []
+    body = csv_text(["line", "code", "message"], ([e.get("line"), e.get("code"), e.get("message")] for e in errors))
+    response = HttpResponse(body, content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{file.public_id}-errors.csv"'
+    return response
+
+
+@login_required
+def tokenizers(request):
+    context = _require_tenant(request)
+    return render(
+        request,
+        "dashboard/tokenizers.html",
+        {
+            "tokenizers": tokenizer_list(tenant=context.tenant),
+            "files": file_list(tenant=context.tenant).exclude(status="error"),
+            "algorithms": TOKENIZER_ALGORITHMS,
+        },
+    )
+
+
+@login_required
+def tokenizer_detail(request, public_id: str):
+    context = _require_tenant(request)
+    tokenizer = tokenizer_get(tenant=context.tenant, public_id=public_id)
+    if tokenizer is None:
+        raise Http404("No such tokenizer.")
+    return render(request, "dashboard/tokenizer_detail.html", {"tokenizer": tokenizer, "report": tokenizer.report})

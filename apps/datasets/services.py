@@ -1,25 +1,52 @@
-"""Writes for files: streamed upload into the object store, validation on the `cpu` queue, guarded deletion."""
+"""Writes for files and tokenizers: streamed upload into the object store, validation and tokenizer training on the
+`cpu` queue, guarded deletion. The reading and checking itself lives in the Django-free `workers.ml.data`."""
 
-import codecs
 import hashlib
 import logging
-import uuid
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from apps.core.api.errors import ApiError
-from apps.core.storage import object_store, tenant_key
+from apps.core.ids import new_public_id
+from apps.core.storage import local_copy_of_object, local_copy_of_prefix, object_store, tenant_key
 from apps.tenancy.models import Tenant
+from workers.ml.data.examples import Example, example_text
+from workers.ml.data.formats import (
+    SUPPORTED_EXTENSIONS,
+    ColumnMapping,
+    ReadLimits,
+    UnsupportedFormat,
+    iter_examples,
+)
+from workers.ml.data.templates import CHAT_TEMPLATES, preview_examples
+from workers.ml.data.validation import validate_dataset
+from workers.ml.errors import TrainingDataError
+from workers.ml.tokenizer_training import (
+    TokenizerSpec,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_report,
+    train_tokenizer,
+)
 
-from .models import File, FilePurpose, FileStatus
+from .models import File, FilePurpose, FileStatus, Tokenizer, TokenizerStatus
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_EXTENSIONS = (".txt",)
 READ_CHUNK_BYTES = 1024 * 1024
+_COLUMN_ROLES = ("text", "label", "source", "target", "sensitive")
+# Tokenizer training reads at most this many examples: enough for a stable vocabulary, bounded in time.
+TOKENIZER_TRAINING_MAX_EXAMPLES = 200_000
+_TOKENIZER_REPORT_SAMPLE = 500
+PREVIEW_MAX_EXAMPLES = 20
+TRAIN_ON_CHOICES = ("completions", "all")
 
 
 def max_upload_bytes(tenant: Tenant) -> int:
@@ -41,44 +68,76 @@ def _hashing(chunks: Iterable[bytes], digest, limit: int, counter: list[int]) ->
         yield chunk
 
 
+def parse_column_mapping(raw: dict | None) -> dict | None:
+    """The user's column choice, e.g. {"text": "review", "label": "stars"}; None lets validation detect it."""
+    if raw in (None, "", {}):
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(
+            'column_mapping must be an object such as {"text": "review", "label": "stars"}.', param="column_mapping"
+        )
+    unknown = set(raw) - set(_COLUMN_ROLES)
+    if unknown:
+        raise ApiError(
+            f"Unknown column role '{sorted(unknown)[0]}'; use any of: {', '.join(_COLUMN_ROLES)}.",
+            param=f"column_mapping.{sorted(unknown)[0]}",
+        )
+    for role, column in raw.items():
+        if not isinstance(column, str) or not column.strip() or len(column) > 200:
+            raise ApiError(f"column_mapping.{role} must name a column.", param=f"column_mapping.{role}")
+    return {role: column.strip() for role, column in raw.items()}
+
+
 def file_upload(
-    *, tenant: Tenant, user: AbstractBaseUser | None, filename: str, chunks: Iterable[bytes], purpose: str
+    *,
+    tenant: Tenant,
+    user: AbstractBaseUser | None,
+    filename: str,
+    chunks: Iterable[bytes],
+    purpose: str,
+    column_mapping: dict | None = None,
 ) -> File:
     """Streams the upload into the store (never whole in memory) and queues its validation.
 
-    An identical re-upload (same sha256 in the same tenant) returns the file already stored instead of a copy.
+    An identical re-upload (same bytes, purpose and column mapping in the same tenant) returns the file already
+    stored instead of a copy.
     """
     if purpose not in FilePurpose.values:
         raise ApiError(
             f"'{purpose}' is not a supported purpose; use one of: {', '.join(FilePurpose.values)}.", param="purpose"
         )
-    filename = (filename or "").rsplit("/", 1)[-1].strip()[:255]
-    if not filename.lower().endswith(ALLOWED_EXTENSIONS):
+    filename = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()[:255]
+    if not filename.lower().endswith(SUPPORTED_EXTENSIONS):
         raise ApiError(
-            f"Unsupported file type for '{filename}': upload a plain text file ending in .txt.",
+            f"Unsupported file type for '{filename}': upload one of {', '.join(SUPPORTED_EXTENSIONS)}.",
             code="unsupported_file_type",
             param="file",
         )
+    column_mapping = parse_column_mapping(column_mapping)
     limit = max_upload_bytes(tenant)
     store = object_store()
-    staging_key = tenant_key(tenant.pk, "uploads", uuid.uuid4().hex)
+    # Written straight to its final key (no second copy of a large file); removed again if it is a re-upload.
+    file = File(tenant=tenant, filename=filename, purpose=purpose, created_by=user, column_mapping=column_mapping)
+    file.public_id = new_public_id("file")
+    file.storage_key = tenant_key(tenant.pk, "files", file.public_id)
     digest = hashlib.sha256()
     size = [0]
     try:
-        store.put_stream(staging_key, _hashing(chunks, digest, limit, size))
+        store.put_stream(file.storage_key, _hashing(chunks, digest, limit, size))
     except BaseException:
-        store.delete(staging_key)
+        store.delete(file.storage_key)
         raise
-    sha256 = digest.hexdigest()
+    file.sha256 = digest.hexdigest()
+    file.bytes = size[0]
 
-    existing = File.objects.for_tenant(tenant).filter(sha256=sha256, purpose=purpose).first()
+    existing = (
+        File.objects.for_tenant(tenant)
+        .filter(sha256=file.sha256, purpose=purpose, column_mapping=column_mapping)
+        .first()
+    )
     if existing is not None:
-        store.delete(staging_key)
+        store.delete(file.storage_key)
         return existing
-
-    file = File(tenant=tenant, filename=filename, purpose=purpose, bytes=size[0], sha256=sha256, created_by=user)
-    file.storage_key = tenant_key(tenant.pk, "files", file.public_id)
-    _move(store, staging_key, file.storage_key)
     file.save()
 
     from workers.tasks.datasets import validate_file
@@ -87,71 +146,251 @@ def file_upload(
     return file
 
 
-def _move(store, source_key: str, target_key: str) -> None:
-    with store.open(source_key) as stream:
-        store.put_stream(target_key, iter(lambda: stream.read(READ_CHUNK_BYTES), b""))
-    store.delete(source_key)
+def file_local_path(file: File) -> Path:
+    """Files are immutable, so a local copy keyed by the public id never goes stale."""
+    suffix = "".join(Path(file.filename).suffixes[-2:]) or ".bin"
+    return local_copy_of_object(
+        file.storage_key, Path(settings.WORK_DIR) / "files" / str(file.tenant_id) / f"{file.public_id}{suffix}"
+    )
 
 
-def file_validate(*, file_id: int) -> File:
-    """Checks a stored text file (valid UTF-8, not empty) by streaming it, and records a small report."""
+def _read_limits() -> ReadLimits:
+    return ReadLimits(max_decompressed_bytes=settings.DATASET_MAX_DECOMPRESSED_BYTES)
+
+
+def _token_counter(tokenizer):
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    return count
+
+
+def file_validate(*, file_id: int, tokenizer_id: int | None = None, max_length: int = 1024) -> File:
+    """Reads the whole file once and stores the report; the file becomes `processed` or `error`."""
     file = File.objects.get(pk=file_id)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    newline_count = 0
-    character_count = 0
-    has_text = False
-    ends_with_newline = True
-    offset = 0
-    error = None
-    with object_store().open(file.storage_key) as stream:
-        for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
-            try:
-                text = decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                error = f"The file is not valid UTF-8 (first bad byte at offset {offset + exc.start})."
-                break
-            offset += len(chunk)
-            newline_count += text.count("\n")
-            character_count += len(text)
-            has_text = has_text or bool(text.strip())
-            if text:
-                ends_with_newline = text.endswith("\n")
-        else:
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                error = "The file is not valid UTF-8 (it ends in the middle of a character)."
-    if error is None and not has_text:
-        error = "The file is empty: it has no text to train on."
-    report = {
-        "format": "text",
-        "bytes": file.bytes,
-        "characters": character_count,
-        "lines": newline_count + (0 if ends_with_newline else 1),
-    }
+    tokenizer = None
+    if tokenizer_id is not None:
+        asset = Tokenizer.objects.for_tenant(file.tenant_id).filter(pk=tokenizer_id).first()
+        tokenizer = tokenizer_load(asset) if asset is not None and asset.status == TokenizerStatus.READY else None
+    mapping = ColumnMapping.from_dict(file.column_mapping) if file.column_mapping else None
+    report = validate_dataset(
+        str(file_local_path(file)),
+        filename=file.filename,
+        column_mapping=mapping,
+        token_counter=_token_counter(tokenizer) if tokenizer is not None else None,
+        max_length=max_length,
+        limits=_read_limits(),
+    )
+    if tokenizer is not None and report.get("token_lengths"):
+        report["token_lengths"]["tokenizer"] = asset.public_id
+
     from apps.jobs.services import jobs_advance_after_file_validation
 
     with transaction.atomic():
         # The same row lock job_create takes: a job created meanwhile is either seen here or sees the result.
         file = File.objects.select_for_update().get(pk=file_id)
         file.validation_report = report
-        file.status = FileStatus.ERROR if error else FileStatus.PROCESSED
-        file.status_details = error or ""
-        file.save(update_fields=["validation_report", "status", "status_details"])
+        file.format = report.get("format") or ""
+        file.task = report.get("task") or ""
+        if report.get("column_mapping") and not file.column_mapping:
+            file.column_mapping = report["column_mapping"]
+        if file.status == FileStatus.UPLOADED:
+            file.status = FileStatus.PROCESSED if report["ok"] else FileStatus.ERROR
+            file.status_details = "" if report["ok"] else _summary(report)
+        file.save(update_fields=["validation_report", "format", "task", "column_mapping", "status", "status_details"])
         jobs_advance_after_file_validation(file=file)
     logger.info("validated %s: %s", file.public_id, file.status)
     return file
 
 
+def _summary(report: dict) -> str:
+    """One sentence for the file's status_details: the first error and how many there are."""
+    errors = report.get("errors") or []
+    if not errors:
+        return "The file did not pass validation."
+    first = errors[0]
+    where = f"line {first['line']}: " if first.get("line") else ""
+    more = report.get("error_count", len(errors)) - 1
+    return f"{where}{first['message']}" + (f" (and {more} more problems)" if more > 0 else "")
+
+
+def file_revalidate(*, tenant: Tenant, file: File, tokenizer: Tokenizer | None, max_length: int) -> None:
+    """Queues a fresh report, e.g. to see token lengths under another tokenizer or maximum length."""
+    if not 8 <= max_length <= 131072:
+        raise ApiError("max_length must be between 8 and 131072.", param="max_length")
+    if tokenizer is not None and tokenizer.status != TokenizerStatus.READY:
+        raise ApiError(f"Tokenizer {tokenizer.public_id} is {tokenizer.status}, not ready.", param="tokenizer")
+    from workers.tasks.datasets import validate_file
+
+    tokenizer_pk = tokenizer.pk if tokenizer else None
+    transaction.on_commit(lambda: validate_file.delay(file.pk, tokenizer_pk, max_length))
+
+
+def file_preview(
+    *, file: File, tokenizer: Tokenizer, template: str, train_on: str, max_length: int, limit: int
+) -> list[dict]:
+    """The first examples as tokens, each marked trained or masked: the labels the trainer would compute."""
+    if template not in CHAT_TEMPLATES:
+        raise ApiError(f"Unknown template '{template}'; use one of: {', '.join(CHAT_TEMPLATES)}.", param="template")
+    if train_on not in TRAIN_ON_CHOICES:
+        raise ApiError("train_on must be 'completions' or 'all'.", param="train_on")
+    if not 8 <= max_length <= 131072:
+        raise ApiError("max_length must be between 8 and 131072.", param="max_length")
+    if not 1 <= limit <= PREVIEW_MAX_EXAMPLES:
+        raise ApiError(f"limit must be between 1 and {PREVIEW_MAX_EXAMPLES}.", param="limit")
+    if tokenizer.status != TokenizerStatus.READY:
+        raise ApiError(f"Tokenizer {tokenizer.public_id} is {tokenizer.status}, not ready.", param="tokenizer")
+    examples = _valid_examples(file, limit)
+    try:
+        return preview_examples(
+            examples,
+            tokenizer_load(tokenizer),
+            template=template,
+            train_on=train_on,
+            max_length=max_length,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise ApiError(str(exc), code="preview_not_available", param="file_id") from exc
+
+
+def _valid_examples(file: File, limit: int) -> list[Example]:
+    mapping = ColumnMapping.from_dict(file.column_mapping) if file.column_mapping else None
+    try:
+        rows = iter_examples(
+            str(file_local_path(file)), filename=file.filename, column_mapping=mapping, limits=_read_limits()
+        )
+        return list(islice((row for row in rows if isinstance(row, Example)), limit))
+    except UnsupportedFormat as exc:
+        raise ApiError(str(exc), code=getattr(exc, "code", "unsupported_file_type"), param="file_id") from exc
+
+
 def file_delete(*, tenant: Tenant, file: File) -> None:
     from apps.jobs.selectors import file_is_used_by_jobs
 
-    if file_is_used_by_jobs(tenant=tenant, file=file):
+    if (
+        file_is_used_by_jobs(tenant=tenant, file=file)
+        or Tokenizer.objects.for_tenant(tenant).filter(training_file=file).exists()
+    ):
         raise ApiError(
-            f"File {file.public_id} is used by a fine-tuning job; delete or keep the job's data first.",
+            f"File {file.public_id} is used by a fine-tuning job or a tokenizer; it is kept so they stay reproducible.",
             code="file_in_use",
             param="file_id",
             status_code=409,
         )
     object_store().delete(file.storage_key)
     file.delete()
+
+
+def tokenizer_create(
+    *,
+    tenant: Tenant,
+    user: AbstractBaseUser | None,
+    training_file: File,
+    name: str,
+    algorithm: str,
+    vocab_size: int,
+    special_tokens: list[str] | None = None,
+    lowercase: bool = False,
+) -> Tokenizer:
+    if training_file.tenant_id != tenant.pk:
+        raise ApiError("No such file.", code="not_found", param="training_file", status_code=404)
+    if training_file.status == FileStatus.ERROR:
+        raise ApiError(
+            f"File {training_file.public_id} failed validation; fix it before training a tokenizer on it.",
+            code="invalid_training_file",
+            param="training_file",
+        )
+    try:
+        spec = TokenizerSpec(
+            algorithm=algorithm, vocab_size=vocab_size, special_tokens=tuple(special_tokens or ()), lowercase=lowercase
+        )
+    except TrainingDataError as exc:
+        raise ApiError(exc.message, code=exc.code, param=exc.param) from exc
+    tokenizer = Tokenizer.objects.create(
+        tenant=tenant,
+        name=(name or f"{spec.algorithm}-{spec.vocab_size}")[:100],
+        algorithm=spec.algorithm,
+        vocab_size=spec.vocab_size,
+        special_tokens=list(spec.special_tokens),
+        lowercase=spec.lowercase,
+        training_file=training_file,
+        created_by=user,
+    )
+    from workers.tasks.datasets import train_tokenizer_asset
+
+    transaction.on_commit(lambda: train_tokenizer_asset.delay(tokenizer.pk))
+    return tokenizer
+
+
+def tokenizer_train(*, tokenizer_id: int) -> Tokenizer:
+    """Trains the tokenizer on its file's text (queue `cpu`), stores it and its report."""
+    tokenizer = Tokenizer.objects.select_related("training_file").get(pk=tokenizer_id)
+    if tokenizer.status != TokenizerStatus.TRAINING:
+        return tokenizer  # a redelivered task: the work is done
+    file = tokenizer.training_file
+    mapping = ColumnMapping.from_dict(file.column_mapping) if file.column_mapping else None
+    spec = TokenizerSpec(
+        algorithm=tokenizer.algorithm,
+        vocab_size=tokenizer.vocab_size,
+        special_tokens=tuple(tokenizer.special_tokens),
+        lowercase=tokenizer.lowercase,
+    )
+    work_dir = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=_ensure_dir(Path(settings.WORK_DIR) / "tmp")))
+    try:
+        path = str(file_local_path(file))
+        sample: list[str] = []
+
+        def texts() -> Iterator[str]:
+            rows = iter_examples(path, filename=file.filename, column_mapping=mapping, limits=_read_limits())
+            examples = (row for row in rows if isinstance(row, Example))
+            for example in islice(examples, TOKENIZER_TRAINING_MAX_EXAMPLES):
+                text = example_text(example)
+                if len(sample) < _TOKENIZER_REPORT_SAMPLE:
+                    sample.append(text)
+                yield text
+
+        trained = train_tokenizer(texts(), spec)
+        if not sample:
+            raise TrainingDataError("empty_training_file", "The file has no valid examples to train a tokenizer on.")
+        report = tokenizer_report(trained, sample)
+        save_tokenizer(trained, work_dir / "tokenizer")
+        prefix = tenant_key(tokenizer.tenant_id, "tokenizers", tokenizer.public_id)
+        object_store().upload_dir(prefix, work_dir / "tokenizer")
+        tokenizer.storage_prefix = prefix
+        tokenizer.report = report
+        tokenizer.status = TokenizerStatus.READY
+        tokenizer.save(update_fields=["storage_prefix", "report", "status"])
+    except (TrainingDataError, UnsupportedFormat) as exc:
+        _tokenizer_failed(tokenizer, getattr(exc, "message", str(exc)))
+    except Exception:
+        # Not the user's fault, but the asset must not stay "training" forever.
+        _tokenizer_failed(tokenizer, "Tokenizer training stopped on an internal error; try again or contact support.")
+        raise
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return tokenizer
+
+
+def _tokenizer_failed(tokenizer: Tokenizer, message: str) -> None:
+    tokenizer.status = TokenizerStatus.FAILED
+    tokenizer.error = message
+    tokenizer.save(update_fields=["status", "error"])
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tokenizer_load(tokenizer: Tokenizer):
+    """The tokenizer unpacked on this machine (downloaded once; assets are immutable)."""
+    target = Path(settings.WORK_DIR) / "tokenizers" / str(tokenizer.tenant_id) / tokenizer.public_id
+    local_copy_of_prefix(tokenizer.storage_prefix, target)
+    return load_tokenizer(target)
+
+
+def tokenizer_delete(*, tenant: Tenant, tokenizer: Tokenizer) -> None:
+    if tokenizer.storage_prefix:
+        object_store().delete_prefix(tokenizer.storage_prefix + "/")
+    tokenizer.delete()

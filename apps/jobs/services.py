@@ -4,7 +4,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.core.api.errors import ApiError
-from apps.core.storage import object_store, tenant_key
+from apps.core.storage import local_copy_of_prefix, object_store, tenant_key
 from apps.datasets.models import File, FileStatus
 from apps.tenancy.models import Tenant
 from workers.ml.callbacks import TrainingEvent
@@ -97,6 +96,17 @@ def validate_base_model(model: str) -> None:
         )
 
 
+def training_data_problem(file: File, model: str) -> str | None:
+    """Why this model cannot train on this file yet, or None. The from-scratch trainer reads plain text; chat,
+    prompt/completion, classification and seq2seq training arrive with the training engine (Step 3)."""
+    if CATALOG[model].from_scratch and file.format != "text":
+        return (
+            f"{model} trains on plain text (.txt) for now; {file.public_id} is {file.format or 'not plain text'}"
+            f" ({file.task or 'unknown task'}). Training on that task is not available yet."
+        )
+    return None
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -119,6 +129,8 @@ def job_create(
             code="invalid_training_file",
             param="training_file",
         )
+    if training_file.status == FileStatus.PROCESSED and (problem := training_data_problem(training_file, model)):
+        raise ApiError(problem, code="unsupported_training_data", param="training_file")
     resolved = resolve_hyperparameters(hyperparameters)
     job = FineTuningJob.objects.create(
         tenant=tenant,
@@ -152,8 +164,20 @@ def _enqueue(job: FineTuningJob, *, actor: str) -> None:
 def jobs_advance_after_file_validation(*, file: File) -> None:
     waiting = FineTuningJob.objects.select_for_update().filter(training_file=file, status=JobStatus.VALIDATING_FILES)
     for job in waiting:
-        if file.status == FileStatus.PROCESSED:
+        problem = training_data_problem(file, job.model) if file.status == FileStatus.PROCESSED else None
+        if file.status == FileStatus.PROCESSED and problem is None:
             _enqueue(job, actor=SYSTEM_ACTOR)
+        elif problem is not None:
+            error = {"code": "unsupported_training_data", "message": problem, "param": "training_file"}
+            _transition(
+                job,
+                to_status=JobStatus.FAILED,
+                phase=JobPhase.DONE,
+                actor=SYSTEM_ACTOR,
+                error=error,
+                finished_at=timezone.now(),
+            )
+            job_event_record(job=job, level=EventLevel.ERROR, message=problem)
         elif file.status == FileStatus.ERROR:
             error = {"code": "invalid_training_file", "message": file.status_details, "param": "training_file"}
             _transition(
@@ -321,20 +345,10 @@ def job_run(*, job_id: int) -> None:
 
 
 def _local_model_dir(job: FineTuningJob) -> Path:
-    """The job's model unpacked on this machine, downloaded once (into a temp folder, then renamed)."""
-    target = Path(settings.WORK_DIR) / "models" / str(job.tenant_id) / job.public_id
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-    try:
-        object_store().download_dir(job.model_storage_prefix, staging)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not target.exists():
-            raise
-    return target
+    """The job's model unpacked on this machine (downloaded once)."""
+    return local_copy_of_prefix(
+        job.model_storage_prefix, Path(settings.WORK_DIR) / "models" / str(job.tenant_id) / job.public_id
+    )
 
 
 def job_generate(

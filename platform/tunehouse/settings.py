@@ -124,6 +124,8 @@ S3_REGION = env.str("S3_REGION", default="us-east-1")
 WORK_DIR = Path(env.str("TUNEHOUSE_WORK_DIR", default=str(DATA_DIR / "work")))
 
 MAX_UPLOAD_BYTES = env.int("MAX_UPLOAD_BYTES", default=512 * 1024 * 1024)
+# A gzip'd upload is decompressed as a stream; past this many bytes it is refused (a gzip bomb stops here).
+DATASET_MAX_DECOMPRESSED_BYTES = env.int("DATASET_MAX_DECOMPRESSED_BYTES", default=10 * 1024**3)
 # Uploads go to a temp file past this size instead of memory, so the web process stays flat for big files.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024

@@ -79,7 +79,7 @@ def test_job_page_shows_live_progress_without_reloading(
                  sessionStorage.setItem("uploadStatus", document.getElementById("upload-status").textContent);
                })"""
         )
-        page.get_by_label("Upload a plain text file (.txt) to train on").set_input_files(corpus)
+        page.get_by_label("Upload a dataset", exact=False).set_input_files(corpus)
         with page.expect_navigation():
             page.get_by_role("button", name="Upload", exact=True).click()
         assert page.evaluate('() => sessionStorage.getItem("uploadProgress")') == "100"

@@ -25,6 +25,8 @@ def pytest_load_initial_conftests(early_config, parser, args):
         os.environ["TUNEHOUSE_DATA_DIR"] = _data_dir
         os.environ.pop("S3_BUCKET", None)  # storage tests start their own S3 server; the default store is local
         os.environ.setdefault("DEBUG", "true")
+        # Small enough that the bad-input corpus's gzip bomb (64 MB of zeros) trips it in a second.
+        os.environ["DATASET_MAX_DECOMPRESSED_BYTES"] = str(32 * 1024 * 1024)
         _redis = RedisServer.start(os.path.join(_data_dir, "redis"))
         os.environ["REDIS_URL"] = _redis.url
     return (yield)

@@ -10,6 +10,8 @@ document.getElementById("upload-form").addEventListener("submit", (submitEvent) 
   const body = new FormData();
   body.append("purpose", "fine-tune");
   body.append("file", input.files[0]);
+  const columns = document.getElementById("upload-columns").value.trim();
+  if (columns) body.append("column_mapping", columns);
   const request = new XMLHttpRequest();
   request.open("POST", "/v1/files");
   request.setRequestHeader("X-CSRFToken", csrfToken());
