@@ -138,14 +138,13 @@ def probe_file_content(w):
 def probe_file_validate(w):
     path = f"/v1/files/{w['file'].public_id}/validate"
     _assert_not_found(w["api_b"].post(path, {}, content_type="application/json"))
-    # Nor can B point its own validation at A's tokenizer.
+    # Nor can B point its own validation at A's tokenizer or A's file.
     own = File.objects.create(
         tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/x"
     )
-    response = w["api_b"].post(
-        f"/v1/files/{own.public_id}/validate", {"tokenizer": w["tokenizer"].public_id}, content_type="application/json"
-    )
-    _assert_not_found(response)
+    for borrowed in ({"tokenizer": w["tokenizer"].public_id}, {"validation_file": w["file"].public_id}):
+        response = w["api_b"].post(f"/v1/files/{own.public_id}/validate", borrowed, content_type="application/json")
+        _assert_not_found(response)
 
 
 def probe_file_preview(w):

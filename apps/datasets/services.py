@@ -130,11 +130,13 @@ def file_upload(
     file.sha256 = digest.hexdigest()
     file.bytes = size[0]
 
+    same_bytes = File.objects.for_tenant(tenant).filter(sha256=file.sha256, purpose=purpose)
+    # filter(column_mapping=None) would match a JSON null, not a missing mapping (SQL NULL).
     existing = (
-        File.objects.for_tenant(tenant)
-        .filter(sha256=file.sha256, purpose=purpose, column_mapping=column_mapping)
-        .first()
-    )
+        same_bytes.filter(column_mapping__isnull=True)
+        if column_mapping is None
+        else same_bytes.filter(column_mapping=column_mapping)
+    ).first()
     if existing is not None:
         store.delete(file.storage_key)
         return existing
@@ -165,9 +167,17 @@ def _token_counter(tokenizer):
     return count
 
 
-def file_validate(*, file_id: int, tokenizer_id: int | None = None, max_length: int = 1024) -> File:
-    """Reads the whole file once and stores the report; the file becomes `processed` or `error`."""
+def file_validate(
+    *, file_id: int, tokenizer_id: int | None = None, max_length: int = 1024, validation_file_id: int | None = None
+) -> File:
+    """Reads the whole file once and stores the report; the file becomes `processed` or `error`.
+
+    With a validation file, the report also counts the examples that appear in both (leakage between the splits).
+    """
     file = File.objects.get(pk=file_id)
+    validation_file = (
+        File.objects.for_tenant(file.tenant_id).filter(pk=validation_file_id).first() if validation_file_id else None
+    )
     tokenizer = None
     if tokenizer_id is not None:
         asset = Tokenizer.objects.for_tenant(file.tenant_id).filter(pk=tokenizer_id).first()
@@ -179,8 +189,12 @@ def file_validate(*, file_id: int, tokenizer_id: int | None = None, max_length: 
         column_mapping=mapping,
         token_counter=_token_counter(tokenizer) if tokenizer is not None else None,
         max_length=max_length,
+        validation_path=str(file_local_path(validation_file)) if validation_file else None,
+        validation_filename=validation_file.filename if validation_file else None,
         limits=_read_limits(),
     )
+    if validation_file is not None and report.get("validation_overlap") is not None:
+        report["validation_overlap"]["validation_file"] = validation_file.public_id
     if tokenizer is not None and report.get("token_lengths"):
         report["token_lengths"]["tokenizer"] = asset.public_id
 
@@ -214,16 +228,22 @@ def _summary(report: dict) -> str:
     return f"{where}{first['message']}" + (f" (and {more} more problems)" if more > 0 else "")
 
 
-def file_revalidate(*, tenant: Tenant, file: File, tokenizer: Tokenizer | None, max_length: int) -> None:
-    """Queues a fresh report, e.g. to see token lengths under another tokenizer or maximum length."""
+def file_revalidate(
+    *, tenant: Tenant, file: File, tokenizer: Tokenizer | None, max_length: int, validation_file: File | None = None
+) -> None:
+    """Queues a fresh report, e.g. to see token lengths under another tokenizer or maximum length, or the overlap
+    with a validation file."""
     if not 8 <= max_length <= 131072:
         raise ApiError("max_length must be between 8 and 131072.", param="max_length")
     if tokenizer is not None and tokenizer.status != TokenizerStatus.READY:
         raise ApiError(f"Tokenizer {tokenizer.public_id} is {tokenizer.status}, not ready.", param="tokenizer")
     from workers.tasks.datasets import validate_file
 
+    if validation_file is not None and validation_file.tenant_id != tenant.pk:
+        raise ApiError("No such file.", code="not_found", param="validation_file", status_code=404)
     tokenizer_pk = tokenizer.pk if tokenizer else None
-    transaction.on_commit(lambda: validate_file.delay(file.pk, tokenizer_pk, max_length))
+    validation_pk = validation_file.pk if validation_file else None
+    transaction.on_commit(lambda: validate_file.delay(file.pk, tokenizer_pk, max_length, validation_pk))
 
 
 def file_preview(

@@ -38,6 +38,18 @@ _TRAINING_BATCH_TEXTS = 1_000
 
 WORDPIECE_SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 UNIGRAM_SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")
+_WORDPIECE_UNKNOWN, _UNIGRAM_UNKNOWN = WORDPIECE_SPECIAL_TOKENS[0], UNIGRAM_SPECIAL_TOKENS[0]
+# Which special token plays which role, per algorithm: pad and eos are always set so collators and templates can rely
+# on them. Byte-level BPE has no unknown token (every byte is in its alphabet); BERT has no bos/eos of its own, so
+# [CLS]/[SEP], which open and close its sequences, stand in.
+NAMED_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
+    "bpe": {"bos": END_OF_TEXT, "eos": END_OF_TEXT, "pad": END_OF_TEXT},
+    "wordpiece": {
+        "unk": "[UNK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
+        "bos": "[CLS]", "eos": "[SEP]",
+    },
+    "unigram": {"unk": "<unk>", "pad": "<pad>", "bos": "<s>", "eos": "</s>"},
+}  # fmt: skip
 _BACKEND_MODEL_ALGORITHMS = {"BPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram", "WordLevel": "wordlevel"}
 _REPORT_EXAMPLE_CHARS = 200
 
@@ -148,7 +160,7 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
             show_progress=False,
         )
     elif spec.algorithm == "wordpiece":
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer = Tokenizer(models.WordPiece(unk_token=_WORDPIECE_UNKNOWN))
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece(prefix="##")
@@ -171,7 +183,7 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
         trainer = trainers.UnigramTrainer(
             vocab_size=spec.vocab_size,
             special_tokens=list(special_tokens),
-            unk_token="<unk>",
+            unk_token=_UNIGRAM_UNKNOWN,
             show_progress=False,
         )
 
@@ -190,48 +202,23 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
     if counter.non_empty == 0:
         raise TrainingDataError(EMPTY_TRAINING_DATA, "There is no text to train the tokenizer on.", "texts")
 
-    if spec.algorithm == "bpe":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer,
-            bos_token=END_OF_TEXT,
-            eos_token=END_OF_TEXT,
-            pad_token=END_OF_TEXT,
-            extra_special_tokens=user_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
     if spec.algorithm == "wordpiece":
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("[CLS]", "[SEP]")],
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer,
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-            bos_token="[CLS]",
-            eos_token="[SEP]",
-            extra_special_tokens=user_special_tokens,
-            # BERT's clean-up glues "do n't" back together; it also edits user text, which round trips must not.
-            clean_up_tokenization_spaces=False,
-        )
+    named = {f"{role}_token": token for role, token in NAMED_SPECIAL_TOKENS[spec.algorithm].items()}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+        **named,
         extra_special_tokens=user_special_tokens,
+        # BERT's clean-up glues "do n't" back together; it also edits user text, which round trips must not.
         clean_up_tokenization_spaces=False,
     )
 
 
-def tokenizer_report(
-    tokenizer: PreTrainedTokenizerFast, sample_texts: Sequence[str], *, examples: int = 5
-) -> dict:
+def tokenizer_report(tokenizer: PreTrainedTokenizerFast, sample_texts: Sequence[str], *, examples: int = 5) -> dict:
     """Numbers a user looks at to judge a tokenizer on their own text.
 
     ``fertility`` is tokens per whitespace-separated word (1.0 would be one token per word; higher means words are
@@ -348,4 +335,3 @@ def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-

@@ -143,7 +143,8 @@ def _tenant_tokenizer(view: TenantAPIView, public_id) -> Tokenizer | None:
 
 
 class FileValidateView(TenantAPIView):
-    """Re-runs validation, e.g. with a tokenizer for the token-length histogram; answers 202 and the file."""
+    """Re-runs validation: with a tokenizer for the token-length histogram, with a validation file for the overlap
+    between the two; answers 202 and the file."""
 
     model = File
 
@@ -151,7 +152,16 @@ class FileValidateView(TenantAPIView):
         file = self.get_object()
         tokenizer = _tenant_tokenizer(self, request.data.get("tokenizer"))
         max_length = _int_param(request.data.get("max_length"), "max_length", 1024)
-        file_revalidate(tenant=self.tenant, file=file, tokenizer=tokenizer, max_length=max_length)
+        validation_file = None
+        if validation_id := request.data.get("validation_file"):
+            validation_file = File.objects.for_tenant(self.tenant).filter(public_id=str(validation_id)).first()
+            if validation_file is None:
+                raise ApiError(
+                    f"No such file: {validation_id}.", code="not_found", param="validation_file", status_code=404
+                )
+        file_revalidate(
+            tenant=self.tenant, file=file, tokenizer=tokenizer, max_length=max_length, validation_file=validation_file
+        )
         return Response(file_to_json(file), status=202)
 
 

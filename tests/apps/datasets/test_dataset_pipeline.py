@@ -112,8 +112,8 @@ def test_parquet_with_a_chosen_column_mapping(celery_workers, tenant_a, tmp_path
 )
 def test_bad_input_fails_validation_with_the_reason(celery_workers, tenant_a, name, content, code, settings):
     if content is None:
-        # 64 MB of zeros compressed to ~64 KB: over the 32 MB cap that tests/plugins/services.py sets for workers.
-        content = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
+        # ~70 MB of text compressed to ~140 KB: over the 32 MB cap that tests/plugins/services.py sets for workers.
+        content = gzip.compress(b"spam and eggs\n" * 5_000_000, compresslevel=9)
     file = validated(tenant_a.api(), upload(tenant_a.api(), content, name)["id"])
     codes = {error["code"] for error in file["validation_report"]["errors"]}
     assert file["status"] == "error" and code in codes, file["validation_report"]
@@ -187,3 +187,16 @@ def test_user_data_is_escaped_in_pages_and_neutralised_in_csv(client, tenant_a):
     assert b'<script>alert("x")' not in page.content and b"&lt;script&gt;" in page.content
     exported = client.get(f"/files/{file.public_id}/errors.csv").content.decode()
     assert "'=HYPERLINK(1)" in exported and "\n3,invalid_json,=" not in exported
+
+
+def test_overlap_with_a_validation_file_is_reported(celery_workers, tenant_a, samples):
+    client = tenant_a.api()
+    lines = samples["prompt_completion.jsonl"].read_bytes().splitlines(keepends=True)
+    train = validated(client, upload(client, b"".join(lines), "train.jsonl")["id"])
+    held_out = validated(client, upload(client, b"".join(lines[:12]), "valid.jsonl")["id"])
+    client.post(f"/v1/files/{train['id']}/validate", {"validation_file": held_out["id"]}, format="json")
+    report = wait_for(client, f"/v1/files/{train['id']}", lambda f: f["validation_report"].get("validation_overlap"))[
+        "validation_report"
+    ]
+    assert report["validation_overlap"]["count"] == 12
+    assert report["validation_overlap"]["validation_file"] == held_out["id"]

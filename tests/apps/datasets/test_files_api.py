@@ -62,7 +62,7 @@ def test_list_retrieve_content_and_delete(tenant_a):
 @pytest.mark.parametrize(
     ("name", "purpose", "status", "code", "param"),
     [
-        ("data.csv", "fine-tune", 400, "unsupported_file_type", "file"),
+        ("data.docx", "fine-tune", 400, "unsupported_file_type", "file"),
         ("data.txt", "batch", 400, "invalid_request", "purpose"),
     ],
 )

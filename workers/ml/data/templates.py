@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,6 +45,7 @@ IGNORE_INDEX = -100
 INVALID_CHAT_TEMPLATE = "invalid_chat_template"
 INVALID_TRAIN_ON = "invalid_train_on"
 UNSUPPORTED_TASK = "unsupported_task"
+INVALID_MAX_LENGTH = "invalid_hyperparameter"
 
 TEMPLATE_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
@@ -70,8 +72,9 @@ class TokenizedExample:
     """The source line (or row) of the example, for error messages and the preview."""
 
 
-@dataclass(frozen=True)
-class _Segment:
+class _Segment(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: a dataset renders into millions of these, and a frozen dataclass's
+    # __init__ (object.__setattr__ per field) costs several times what building a tuple does.
     text: str | None
     """Text to tokenize on its own; None when ``token_id`` is given instead."""
     trained: bool
@@ -126,31 +129,25 @@ def tokenize_batch(
             INVALID_TRAIN_ON, f"train_on must be one of {', '.join(TRAIN_ON)}; got {train_on!r}.", "train_on"
         )
     if max_length < 1:
-        raise TrainingDataError("invalid_hyperparameter", f"max_length must be positive; got {max_length}.", "max_length")
+        raise TrainingDataError(INVALID_MAX_LENGTH, f"max_length must be positive; got {max_length}.", "max_length")
     rendered = [_render(example, tokenizer, template=template, train_on=train_on) for example in examples]
 
-    unique_texts: dict[str, int] = {}
-    for segments in rendered:
-        for segment in segments:
-            if segment.text is not None and segment.text not in unique_texts:
-                unique_texts[segment.text] = len(unique_texts)
-    encoded = _encode_texts(tokenizer, list(unique_texts))
+    unique_texts = list(dict.fromkeys(text for segments in rendered for text, _, _ in segments if text is not None))
+    encoded = dict(zip(unique_texts, _encode_texts(tokenizer, unique_texts), strict=True))
 
     results = []
     for example, segments in zip(examples, rendered, strict=True):
         input_ids: list[int] = []
         labels: list[int] = []
-        for segment in segments:
-            ids = [segment.token_id] if segment.text is None else encoded[unique_texts[segment.text]]
-            input_ids.extend(ids)
-            labels.extend(ids if segment.trained else [IGNORE_INDEX] * len(ids))
+        for text, trained, token_id in segments:
+            ids = encoded[text] if text is not None else [token_id]
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
         truncated = len(input_ids) > max_length
-        # Keeping the start keeps the system prompt and the first exchange, which the later turns depend on.
-        results.append(
-            TokenizedExample(
-                input_ids=input_ids[:max_length], labels=labels[:max_length], truncated=truncated, line=example.line
-            )
-        )
+        if truncated:
+            # Keeping the start keeps the system prompt and the first exchange, which the later turns depend on.
+            del input_ids[max_length:], labels[max_length:]
+        results.append(TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated, line=example.line))
     return results
 
 
@@ -260,15 +257,15 @@ def _render_chat(
             ]
         else:
             name = _PLAIN_ROLE_NAMES.get(role, role.capitalize())
-            segments += [
-                # The space after the colon goes with the content: byte-level BPE merges a leading space into the
-                # first word ("Ġhello"), so this is how the text tokenizes when the model writes it after "User:".
-                _Segment(f"{name}:", trained=train_all),
-                _Segment(f" {content}", trained=learned),
-                _Segment(None, trained=learned, token_id=_eos_id(tokenizer)) if role == "assistant" else None,
-                _Segment("\n", trained=train_all),
-            ]
-    return [segment for segment in segments if segment is not None and (segment.text != "")]
+            # The space after the colon goes with the content: byte-level BPE merges a leading space into the
+            # first word ("Ġhello"), so this is how the text tokenizes when the model writes it after "Assistant:".
+            segments += [_Segment(f"{name}:", trained=train_all), _Segment(f" {content}", trained=learned)]
+            if role == "assistant":
+                # Plain text has no end-of-turn marker of its own; eos is what stops generation after an answer.
+                segments.append(_Segment(None, trained=learned, token_id=_eos_id(tokenizer)))
+            segments.append(_Segment("\n", trained=train_all))
+    # An empty message tokenizes to nothing; dropping it keeps the batch encoder from seeing empty strings.
+    return [segment for segment in segments if segment.text != ""]
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -286,8 +283,8 @@ def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    # The Rust backend directly is ~2x faster than the transformers wrapper, but a tokenizer saved with truncation
-    # or padding switched on would apply it here too; the wrapper switches both off for the call.
+    # The Rust backend directly skips building a BatchEncoding and the offsets nobody reads here; but a backend left
+    # with truncation or padding switched on would apply them, so then the wrapper (which switches both off) is used.
     if backend is not None and backend.truncation is None and backend.padding is None:
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False, truncation=False, padding=False)["input_ids"]
