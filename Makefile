@@ -1,5 +1,6 @@
 # Tunehouse: two commands do all the set-up.
-#   make up    install what is needed, migrate, create the demo login, run the whole platform (Ctrl-C stops it)
+#   make up    install what is needed, migrate, run the whole platform with a demo login and sample datasets
+#              (Ctrl-C stops it)
 #   make test  install what is needed (plus Chromium for browser tests), lint, and run the whole suite
 # Both are idempotent: a second run only installs what changed.
 
@@ -30,7 +31,6 @@ install-dev: $(DEV_STAMP)
 
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py seed_demo
 
 up: migrate
 	$(BIN)/python -m tunehouse.localrun

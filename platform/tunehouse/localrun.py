@@ -226,6 +226,8 @@ def main() -> int:
             process=processes["web"],
             log=log_dir / "web.log",
         )
+        # After the workers are up, so the sample datasets it uploads get validated straight away.
+        subprocess.run([sys.executable, "manage.py", "seed_demo"], cwd=REPO_ROOT, env=env, check=True)
         _print_banner(url, os.environ["REDIS_URL"], private_redis is not None)
         print(f"  Logs: {log_dir}", flush=True)
         while not stopping:

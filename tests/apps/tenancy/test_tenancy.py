@@ -159,3 +159,28 @@ def test_admin_is_for_platform_staff_only(client, tenant_a, django_user_model):
     client.force_login(staff)
     assert client.get("/admin/jobs/finetuningjob/").status_code == 200
     assert client.get("/admin/tenancy/apikey/").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_seed_demo_creates_the_login_and_validated_samples_once(celery_workers, client):
+    import time
+
+    from apps.datasets.models import File
+
+    call_command("seed_demo", stdout=StringIO())
+    call_command("seed_demo", stdout=StringIO())
+    tenant = Tenant.objects.get(slug="demo")
+    files = File.objects.for_tenant(tenant)
+    assert files.count() == 5
+    deadline = time.monotonic() + 60
+    while files.filter(status="uploaded").exists() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert sorted(files.values_list("task", flat=True)) == [
+        "causal_lm",
+        "chat",
+        "classification",
+        "prompt_completion",
+        "seq2seq",
+    ]
+    assert set(files.values_list("status", flat=True)) == {"processed"}
+    assert client.post("/login/", {"username": "demo@tunehouse.local", "password": "tunehouse-demo"}).status_code == 302
