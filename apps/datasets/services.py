@@ -206,12 +206,12 @@ def file_validate(
         file.validation_report = report
         file.format = report.get("format") or ""
         file.task = report.get("task") or ""
-        if report.get("column_mapping") and not file.column_mapping:
-            file.column_mapping = report["column_mapping"]
         if file.status == FileStatus.UPLOADED:
             file.status = FileStatus.PROCESSED if report["ok"] else FileStatus.ERROR
             file.status_details = "" if report["ok"] else _summary(report)
-        file.save(update_fields=["validation_report", "format", "task", "column_mapping", "status", "status_details"])
+        # `column_mapping` stays what the user chose (part of the file's identity for re-uploads); a detected
+        # mapping is in the report.
+        file.save(update_fields=["validation_report", "format", "task", "status", "status_details"])
         jobs_advance_after_file_validation(file=file)
     logger.info("validated %s: %s", file.public_id, file.status)
     return file

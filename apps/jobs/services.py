@@ -16,6 +16,7 @@ from django.utils import timezone
 from apps.core.api.errors import ApiError
 from apps.core.storage import local_copy_of_prefix, object_store, tenant_key
 from apps.datasets.models import File, FileStatus
+from apps.datasets.services import file_local_path
 from apps.tenancy.models import Tenant
 from workers.ml.callbacks import TrainingEvent
 from workers.ml.config import FromScratchCausalLMConfig
@@ -32,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_ACTOR = "system"
 # Fields of the training config that the platform fills in; a caller may not set them.
-_PLATFORM_OWNED_FIELDS = {"train_file", "output_dir", "device"}
+_PLATFORM_OWNED_FIELDS = {"train_file", "output_dir", "device", "train_filename", "tokenized_cache_dir"}
+# What the from-scratch trainer reads today: text, and chat / prompt-completion JSONL with masked labels.
+_FROM_SCRATCH_TASKS = {"causal_lm", "chat", "prompt_completion"}
+_FROM_SCRATCH_FORMATS = {"text", "chat_jsonl", "prompt_completion_jsonl", "text_jsonl"}
 # How often a running executor re-reads its row to notice a cancel or a newer attempt (fencing).
 _CONTROL_POLL_SECONDS = 1.0
 
@@ -97,12 +101,15 @@ def validate_base_model(model: str) -> None:
 
 
 def training_data_problem(file: File, model: str) -> str | None:
-    """Why this model cannot train on this file yet, or None. The from-scratch trainer reads plain text; chat,
-    prompt/completion, classification and seq2seq training arrive with the training engine (Step 3)."""
-    if CATALOG[model].from_scratch and file.format != "text":
+    """Why this model cannot train on this file yet, or None. The from-scratch trainer reads plain text and chat or
+    prompt/completion JSONL; classification and seq2seq training arrive with the training engine (Step 3)."""
+    if CATALOG[model].from_scratch and (
+        file.format not in _FROM_SCRATCH_FORMATS or file.task not in _FROM_SCRATCH_TASKS
+    ):
         return (
-            f"{model} trains on plain text (.txt) for now; {file.public_id} is {file.format or 'not plain text'}"
-            f" ({file.task or 'unknown task'}). Training on that task is not available yet."
+            f"{model} trains on plain text, chat or prompt/completion data for now; {file.public_id} is "
+            f"{file.format or 'an unknown format'} ({file.task or 'unknown task'}). "
+            "Training on that is not available yet."
         )
     return None
 
@@ -296,11 +303,17 @@ def job_run(*, job_id: int) -> None:
     work_dir.mkdir(parents=True)
     progress = _JobProgress(job, attempt)
     try:
-        train_path = work_dir / "train.txt"
-        object_store().download_file(job.training_file.storage_key, train_path)
+        # The shared local copy keeps the upload's suffix; the original name tells the trainer the format.
+        train_path = file_local_path(job.training_file)
         FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
         config = FromScratchCausalLMConfig.from_dict(
-            {**job.hyperparameters, "train_file": str(train_path), "output_dir": str(work_dir / "model")}
+            {
+                **job.hyperparameters,
+                "train_file": str(train_path),
+                "train_filename": job.training_file.filename,
+                "tokenized_cache_dir": str(Path(settings.WORK_DIR) / "tokenized"),
+                "output_dir": str(work_dir / "model"),
+            }
         )
         result = train_causal_lm_from_scratch(config, progress)
         if progress.stop_reason == "fenced":

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from workers.ml.data.templates import CHAT_TEMPLATES, TRAIN_ON
 from workers.ml.errors import TrainingDataError
 
 INVALID_HYPERPARAMETER = "invalid_hyperparameter"
@@ -33,7 +34,8 @@ class FromScratchCausalLMConfig:
     """A GPT-2 style causal language model trained from random weights, with its own byte-level BPE tokenizer."""
 
     train_file: str
-    """Local path of a UTF-8 .txt file; blank lines separate documents."""
+    """Local path of the training data: a UTF-8 .txt file (blank lines separate documents), or a chat,
+    prompt/completion or ``{"text": ...}`` JSONL/JSON file (see ``train_filename``)."""
     output_dir: str
     """Local folder the final model and tokenizer are written to (replaced atomically if it exists)."""
     vocab_size: int = 512
@@ -60,14 +62,31 @@ class FromScratchCausalLMConfig:
     """Metrics events are throttled to one per this many steps (chart resolution, not one per step)."""
     device: str = "auto"
     """``"auto"`` picks cuda when available, else cpu; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``."""
+    train_filename: str | None = None
+    """The file's original name, whose ending decides how it is read (``.txt``, ``.jsonl``, ``.json``, ``.csv``,
+    their ``.gz`` forms...); the platform stores uploads under names of its own. None: the name of ``train_file``
+    (and a name with an ending no reader knows is then read as plain text, as before this field existed)."""
+    chat_template: str = "chatml"
+    """How chat examples are rendered into text: ``"chatml"`` (``<|im_start|>``/``<|im_end|>``), ``"llama3"`` or
+    ``"plain"``; the template's markers become special tokens of the trained tokenizer. Ignored for plain text
+    and prompt/completion data."""
+    train_on: str = "completions"
+    """``"completions"``: the loss covers only assistant turns (and their end marker) or completions, the rest is
+    context; ``"all"``: every token of every example is trained. Plain text is always trained in full."""
+    tokenized_cache_dir: str | None = None
+    """Folder where the tokenized examples are stored and found again by a later run on the same file, tokenizer,
+    template, train_on and context_length (a retry, a resumed job). None: tokenize in memory every time."""
 
     def __post_init__(self) -> None:
         # Validating here rather than only in from_dict means a config built in a notebook is checked too.
         for field in dataclasses.fields(self):
             _check_type(field.name, getattr(self, field.name), field.type)
-        for path_field in ("train_file", "output_dir"):
-            if not getattr(self, path_field).strip():
+        for path_field in ("train_file", "output_dir", "train_filename", "tokenized_cache_dir"):
+            value = getattr(self, path_field)
+            if value is not None and not value.strip():
                 raise TrainingDataError(INVALID_HYPERPARAMETER, f"{path_field} must not be empty.", path_field)
+        _check_choice("chat_template", self.chat_template, CHAT_TEMPLATES)
+        _check_choice("train_on", self.train_on, TRAIN_ON)
         _check_int_range("vocab_size", self.vocab_size, MIN_VOCAB_SIZE, MAX_VOCAB_SIZE)
         _check_int_range("n_layer", self.n_layer, 1, MAX_LAYERS)
         _check_int_range("n_head", self.n_head, 1, MAX_HEADS)
@@ -132,12 +151,25 @@ def _annotation_name(annotation: object) -> str:
 
 def _check_type(name: str, value: object, annotation: object) -> None:
     type_name = _annotation_name(annotation)
+    optional = type_name.endswith(" | None")
+    type_name = type_name.removesuffix(" | None")
     expected = {"str": str, "int": int, "float": float}[type_name]
+    if optional and value is None:
+        return
     # bool is a subclass of int in Python, but `true` is never a meaningful layer count.
     if type(value) is not expected:
         readable = {"str": "a string", "int": "an integer", "float": "a number"}[type_name]
+        if optional:
+            readable += " or null"
         raise TrainingDataError(
             INVALID_HYPERPARAMETER, f"{name} must be {readable}; got {type(value).__name__} {value!r}.", name
+        )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise TrainingDataError(
+            INVALID_HYPERPARAMETER, f"{name} must be one of {', '.join(choices)}; got {value!r}.", name
         )
 
 

@@ -1,4 +1,10 @@
-"""Training a small GPT-2 style causal language model from scratch on a user's text file.
+"""Training a small GPT-2 style causal language model from scratch on a user's text file or examples.
+
+Plain text (``.txt``) is packed token after token and trained in full. Chat, prompt/completion and ``{"text"}``
+examples (JSONL, JSON, their ``.gz`` forms, or records from CSV/Parquet) are rendered and masked by
+``templates.tokenize_batch`` — the very function the dashboard's token preview is built from, so what the preview
+shows as trained is what the loss sees — then packed end to end the same way, and the loss covers only the
+positions whose label is not ``IGNORE_INDEX``.
 
 Also a command line: ``python -m workers.ml.train CONFIG.json`` prints events as JSON lines and a final result line.
 """
@@ -9,6 +15,8 @@ import argparse
 import codecs
 import contextlib
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -18,8 +26,11 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as functional
@@ -27,6 +38,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workers.ml.callbacks import JsonLinesCallback, NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, FromScratchCausalLMConfig
+from workers.ml.data import formats, templates
+from workers.ml.data.examples import DatasetFormat, DatasetTask, Example, RowError, example_text
+from workers.ml.data.templates import IGNORE_INDEX
 from workers.ml.errors import TrainingDataError
 from workers.ml.tokenizer_training import END_OF_TEXT, train_byte_level_bpe
 
@@ -41,6 +55,15 @@ _MAX_GRADIENT_NORM = 1.0
 _WEIGHT_DECAY = 0.1
 _ADAM_BETAS = (0.9, 0.95)
 _DOCUMENT_SEPARATOR = re.compile(r"\n[ \t]*\n+")
+_PLAIN_TEXT_ENDINGS = (".txt", ".txt.gz")
+# Tasks with causal language-model labels; classification and seq2seq need other model heads.
+_CAUSAL_TASKS = (DatasetTask.CHAT, DatasetTask.PROMPT_COMPLETION, DatasetTask.CAUSAL_LM)
+_EXAMPLES_PER_TOKENIZE_BATCH = 1000
+# Data errors found in an example file name the job's public field, as OpenAI's fine-tuning errors do.
+TRAINING_FILE_PARAM = "training_file"
+UNSUPPORTED_TASK = "unsupported_task"
+NOTHING_TO_TRAIN = "nothing_to_train"
+TOO_LITTLE_DATA = "too_little_data"
 
 
 @dataclass(frozen=True)
@@ -63,51 +86,110 @@ class TrainingResult:
     """True when the callback asked training to stop before max_steps."""
 
 
+@dataclass(frozen=True)
+class TrainingRowsStats:
+    """What went into the packed rows, for the start event and for tests."""
+
+    task: str
+    """``causal_lm`` for plain text, else the examples' task (``chat``, ``prompt_completion``, ``causal_lm``)."""
+    examples: int
+    """Documents (plain text) or examples read and used."""
+    skipped_rows: int
+    """Rows of the file that could not be read as an example and were left out (always 0 for plain text)."""
+    truncated_examples: int
+    """Examples longer than context_length + 1 tokens whose end was cut off."""
+    sequence_tokens: int
+    """Tokens of all documents or examples, end to end, before packing drops the incomplete last row."""
+    packed_tokens: int
+    """Tokens in the packed rows (rows x (context_length + 1))."""
+    trained_tokens: int
+    """Target positions (every row position but the first) whose label is trained."""
+    masked_tokens: int
+    """Target positions whose label is IGNORE_INDEX: they add nothing to the loss or the gradients."""
+    trainable_rows: int
+    """Rows with at least one trained target; only these are sampled (a fully masked row would teach nothing)."""
+    cache_key: str | None = None
+    """Key of the tokenized cache used, None when ``tokenized_cache_dir`` is not set or the data is plain text."""
+    cache_hit: bool | None = None
+    """Whether the tokenized rows came from the cache; None when no cache was used."""
+    truncated_file: bool = False
+    """True when only the first MAX_TRAINING_TEXT_BYTES of text of the file were used."""
+
+    @property
+    def trained_tokens_fraction(self) -> float:
+        targets = self.trained_tokens + self.masked_tokens
+        return self.trained_tokens / targets if targets else 0.0
+
+
+class TrainingRows(NamedTuple):
+    """The packed training data: row ``i`` is one sequence of context_length + 1 tokens (inputs and next tokens)."""
+
+    tokenizer: PreTrainedTokenizerFast
+    """The tokenizer trained on the data, template markers included; it is saved with the model."""
+    input_ids: torch.Tensor
+    """int64 [rows, context_length + 1]: examples (or documents) end to end, no padding."""
+    labels: torch.Tensor
+    """Same shape: the token id where it is trained, IGNORE_INDEX where masked; for plain text the very same tensor
+    as ``input_ids``. Unshifted: the target of position t is ``labels[:, t + 1]``."""
+    stats: TrainingRowsStats
+
+
+def build_training_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback | None = None) -> TrainingRows:
+    """Read ``config.train_file``, train the tokenizer on it and pack it into rows, as the training loop does.
+
+    Plain text (``.txt``, ``.txt.gz``) is split into documents, each followed by an end-of-text token. Other files
+    are read as examples (`formats.iter_examples`, unreadable rows skipped with a warning), tokenized and masked by
+    `templates.tokenize_batch` (through the tokenized cache when ``tokenized_cache_dir`` is set), and packed end to
+    end. Raises TrainingDataError for data the user must fix, including data where no token is trained (e.g. every
+    assistant turn has weight 0): that run could only ever report a loss of nothing.
+    """
+    callback = callback or NullCallback()
+    filename = config.train_filename or os.path.basename(config.train_file)
+    lowered = filename.strip().lower()
+    legacy_name = config.train_filename is None and not lowered.endswith(formats.SUPPORTED_EXTENSIONS)
+    if lowered.endswith(_PLAIN_TEXT_ENDINGS) or legacy_name:
+        # Files were always read as plain text before train_filename existed, whatever their name.
+        return _plain_text_rows(config, callback, compressed=lowered.endswith(".gz"))
+    return _example_rows(config, callback, filename)
+
+
+def next_token_loss(logits: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t + 1 from the prefix up to t, over trained targets only.
+
+    ``logits`` [batch, length, vocab] are the model's outputs for ``input_ids[:, :-1]``; ``row_labels``
+    [batch, length + 1] are the unshifted labels of the same rows. A target labelled IGNORE_INDEX gets no loss and
+    no gradient; the mean is over the trained targets, so masking changes which tokens count, not their weight.
+    """
+    targets = row_labels[:, 1:]
+    return functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
 def train_causal_lm_from_scratch(
     config: FromScratchCausalLMConfig, callback: TrainingCallback | None = None
 ) -> TrainingResult:
     """Train a byte-level BPE tokenizer and a GPT-2 model from random weights on ``config.train_file``.
 
-    Raises TrainingDataError for problems the user can fix (empty file, too little text, bad encoding, a loss that
-    diverges). The model, tokenizer and config appear in ``config.output_dir`` all at once or not at all.
+    The data is read and packed by `build_training_rows` (plain text, or chat / prompt-completion / text examples
+    labelled by ``templates.tokenize_batch``); each step trains on sampled rows with `next_token_loss`.
+    Raises TrainingDataError for problems the user can fix (empty file, too little text, bad encoding, an unsupported
+    task, nothing to train, a loss that diverges). The model, tokenizer and config appear in ``config.output_dir``
+    all at once or not at all.
     """
     callback = callback or NullCallback()
     device = _resolve_device(config.device)
     if device.type == "cpu":
         _limit_cpu_threads()
 
-    text, truncated = _read_training_text(config.train_file)
-    if truncated:
-        callback.on_event(
-            TrainingEvent(
-                level="warning",
-                message=f"The training file is larger than {MAX_TRAINING_TEXT_BYTES // (1024 * 1024)} MB; "
-                "only its beginning is used.",
-            )
-        )
-    documents = _split_documents(text)
-    del text
-    if not documents:
-        raise TrainingDataError(
-            "empty_training_file", "The training file is empty or holds only whitespace.", "train_file"
-        )
-
-    tokenizer = train_byte_level_bpe(documents, vocab_size=config.vocab_size, special_tokens=(END_OF_TEXT,))
-    tokenizer.model_max_length = config.context_length
-    token_ids = _encode_documents(tokenizer, documents)
-    del documents
-    row_length = config.context_length + 1
-    if token_ids.numel() < row_length:
-        raise TrainingDataError(
-            "too_little_data",
-            f"The training file has {token_ids.numel()} tokens after tokenization, fewer than the "
-            f"{row_length} one training row needs (context_length + 1). Add more text or lower context_length.",
-            "train_file",
-        )
-    # Packing: contiguous rows with no padding, so every position of every row is a useful training token.
-    row_count = token_ids.numel() // row_length
-    packed_rows = token_ids[: row_count * row_length].view(row_count, row_length)
+    tokenizer, packed_rows, packed_labels, stats = build_training_rows(config, callback)
+    # Plain text trains every position: its labels are its inputs, so nothing extra is copied to the device.
+    labels_are_inputs = packed_labels is packed_rows
+    row_count, row_length = packed_rows.shape
     train_tokens = packed_rows.numel()
+    trained_per_row = (packed_labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    # A row whose targets are all masked would divide zero by zero in the loss; it is never sampled.
+    trainable_rows = torch.nonzero(trained_per_row, as_tuple=True)[0]
 
     torch.manual_seed(config.seed)
     model = _build_model(config, tokenizer).to(device)
@@ -115,23 +197,42 @@ def train_causal_lm_from_scratch(
     num_parameters = model.num_parameters()
     optimizer = _build_optimizer(model, config, device)
     autocast = _autocast_for(device)
-    sampler = _PackedRowSampler(row_count, seed=config.seed)
+    sampler = _PackedRowSampler(trainable_rows.numel(), seed=config.seed)
 
-    callback.on_event(
-        TrainingEvent(
-            level="info",
-            message=f"Training a {num_parameters:,}-parameter GPT-2 model from scratch on {train_tokens:,} tokens "
-            f"({row_count:,} rows of {row_length}) with a {len(tokenizer):,}-token vocabulary, "
-            f"for {config.max_steps:,} steps on {device.type}.",
-            data={"num_parameters": num_parameters, "train_tokens": train_tokens, "vocab_size": len(tokenizer)},
-        )
+    message = (
+        f"Training a {num_parameters:,}-parameter GPT-2 model from scratch on {train_tokens:,} tokens "
+        f"({row_count:,} rows of {row_length}) with a {len(tokenizer):,}-token vocabulary, "
+        f"for {config.max_steps:,} steps on {device.type}."
     )
+    start_data: dict[str, object] = {
+        "num_parameters": num_parameters,
+        "train_tokens": train_tokens,
+        "vocab_size": len(tokenizer),
+    }
+    # Plain text trains every token: its events stay exactly what they were before examples could be trained.
+    if not labels_are_inputs:
+        message += (
+            f" Of the {stats.trained_tokens + stats.masked_tokens:,} predicted positions, "
+            f"{stats.trained_tokens:,} are trained and {stats.masked_tokens:,} masked "
+            f"({stats.trained_tokens_fraction:.1%} trained; {stats.examples:,} {stats.task} examples, "
+            f"train_on={config.train_on})."
+        )
+        start_data.update(
+            task=stats.task,
+            examples=stats.examples,
+            skipped_rows=stats.skipped_rows,
+            trained_tokens=stats.trained_tokens,
+            masked_tokens=stats.masked_tokens,
+            trained_tokens_fraction=round(stats.trained_tokens_fraction, 4),
+            tokenized_cache_hit=stats.cache_hit,
+        )
+    callback.on_event(TrainingEvent(level="info", message=message, data=start_data))
 
     initial_loss = math.nan
     final_loss = math.nan
     steps_completed = 0
     stopped = False
-    window = _MetricsWindow(device)
+    window = _MetricsWindow(device, report_trained_fraction=not labels_are_inputs)
     learning_rate = 0.0
     for step in range(1, config.max_steps + 1):
         if callback.should_stop():
@@ -141,11 +242,13 @@ def train_causal_lm_from_scratch(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
 
-        batch = packed_rows[sampler.next_indices(config.batch_size)].to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        indices = trainable_rows[sampler.next_indices(config.batch_size)]
+        batch = packed_rows[indices].to(device, non_blocking=True)
+        batch_labels = batch if labels_are_inputs else packed_labels[indices].to(device, non_blocking=True)
+        inputs = batch[:, :-1]
         with autocast:
             logits = model(input_ids=inputs).logits
-        loss = functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss = next_token_loss(logits, batch_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), _MAX_GRADIENT_NORM)
@@ -155,7 +258,7 @@ def train_causal_lm_from_scratch(
         # .item() waits for the accelerator, so it happens only on the first step and at metrics events.
         if step == 1:
             initial_loss = loss.item()
-        window.add(loss.detach(), tokens=inputs.numel())
+        window.add(loss.detach(), tokens=inputs.numel(), trained_tokens=int(trained_per_row[indices].sum()))
         if step % config.log_every_steps == 0 or step == config.max_steps:
             final_loss = _emit_metrics(callback, window, step, config, learning_rate, sampler.epoch)
 
@@ -214,20 +317,24 @@ class _PackedRowSampler:
 class _MetricsWindow:
     """Losses and tokens since the previous metrics event; losses stay on the device until they are reported."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, report_trained_fraction: bool = False):
         self._device = device
+        # Plain text trains every position, so its metrics leave the share of trained positions out.
+        self.report_trained_fraction = report_trained_fraction
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self._device)
         self.steps = 0
         self.tokens = 0
+        self.trained_tokens = 0
         self.started_at = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, *, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, *, tokens: int, trained_tokens: int) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.tokens += tokens
+        self.trained_tokens += trained_tokens
 
 
 def _emit_metrics(
@@ -246,19 +353,22 @@ def _emit_metrics(
             f"The training loss became {mean_loss} by step {step}; lower learning_rate and try again.",
             "learning_rate",
         )
+    data: dict[str, object] = {
+        "step": step,
+        "total_steps": config.max_steps,
+        "train_loss": mean_loss,
+        "learning_rate": learning_rate,
+        "tokens_per_second": round(window.tokens / elapsed, 1),
+        "epoch": round(epoch, 4),
+    }
+    if window.report_trained_fraction:
+        data["trained_tokens_fraction"] = round(window.trained_tokens / max(window.tokens, 1), 4)
     callback.on_event(
         TrainingEvent(
             level="info",
             type="metrics",
             message=f"Step {step:,}/{config.max_steps:,}: training loss {mean_loss:.4f}",
-            data={
-                "step": step,
-                "total_steps": config.max_steps,
-                "train_loss": mean_loss,
-                "learning_rate": learning_rate,
-                "tokens_per_second": round(window.tokens / elapsed, 1),
-                "epoch": round(epoch, 4),
-            },
+            data=data,
         )
     )
     window.reset()
@@ -275,14 +385,14 @@ def _learning_rate_at(step_index: int, config: FromScratchCausalLMConfig) -> flo
     return minimum + 0.5 * (1.0 + math.cos(math.pi * decay_progress)) * (peak - minimum)
 
 
-def _read_training_text(path: str) -> tuple[str, bool]:
-    """Return the file's text (at most MAX_TRAINING_TEXT_BYTES of it) and whether it was cut short."""
+def _read_training_text(path: str, *, compressed: bool = False) -> tuple[str, bool]:
+    """Return the file's text (at most MAX_TRAINING_TEXT_BYTES of it, decompressed) and whether it was cut short."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pieces: list[str] = []
     bytes_read = 0
     truncated = False
     try:
-        with open(path, "rb") as file:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as file:
             while True:
                 chunk = file.read(min(_READ_CHUNK_BYTES, MAX_TRAINING_TEXT_BYTES - bytes_read))
                 if not chunk:
@@ -298,11 +408,271 @@ def _read_training_text(path: str) -> tuple[str, bool]:
             f"The training file is not valid UTF-8 (bad bytes near byte {bytes_read + error.start:,}).",
             "train_file",
         ) from error
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise TrainingDataError(
+            "invalid_gzip",
+            f"The training file is named .gz but is not a complete gzip file ({error}); compress it again.",
+            "train_file",
+        ) from error
     text = "".join(pieces).replace("\r\n", "\n")
     if truncated and "\n" in text:
         # Cut at a line end so the last document does not stop mid-word.
         text = text[: text.rindex("\n") + 1]
     return text, truncated
+
+
+def _plain_text_rows(
+    config: FromScratchCausalLMConfig, callback: TrainingCallback, *, compressed: bool
+) -> TrainingRows:
+    text, truncated = _read_training_text(config.train_file, compressed=compressed)
+    if truncated:
+        _warn_truncated_file(callback)
+    documents = _split_documents(text)
+    del text
+    if not documents:
+        raise TrainingDataError(
+            "empty_training_file", "The training file is empty or holds only whitespace.", "train_file"
+        )
+
+    tokenizer = train_byte_level_bpe(documents, vocab_size=config.vocab_size, special_tokens=(END_OF_TEXT,))
+    tokenizer.model_max_length = config.context_length
+    document_count = len(documents)
+    token_ids = _encode_documents(tokenizer, documents)
+    del documents
+    row_length = config.context_length + 1
+    if token_ids.numel() < row_length:
+        raise TrainingDataError(
+            TOO_LITTLE_DATA,
+            f"The training file has {token_ids.numel()} tokens after tokenization, fewer than the "
+            f"{row_length} one training row needs (context_length + 1). Add more text or lower context_length.",
+            "train_file",
+        )
+    # Packing: contiguous rows with no padding, so every position of every row is a useful training token.
+    row_count = token_ids.numel() // row_length
+    packed_rows = token_ids[: row_count * row_length].view(row_count, row_length)
+    stats = TrainingRowsStats(
+        task=str(DatasetTask.CAUSAL_LM),
+        examples=document_count,
+        skipped_rows=0,
+        truncated_examples=0,
+        sequence_tokens=token_ids.numel(),
+        packed_tokens=packed_rows.numel(),
+        trained_tokens=row_count * config.context_length,
+        masked_tokens=0,
+        trainable_rows=row_count,
+        truncated_file=truncated,
+    )
+    return TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_rows, stats=stats)
+
+
+def _example_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback, filename: str) -> TrainingRows:
+    path = config.train_file
+    try:
+        data_format = formats.detect_format(path, filename=filename)
+        _, _, task = formats.resolve_columns(path, filename=filename, fmt=data_format, column_mapping=None)
+    except formats.UnsupportedFormat as error:
+        raise TrainingDataError(error.code, error.message, TRAINING_FILE_PARAM) from error
+    if task not in _CAUSAL_TASKS:
+        raise TrainingDataError(
+            UNSUPPORTED_TASK,
+            f"This file holds {task} examples, which train a different kind of model; training on {task} data "
+            "comes in a later version. Upload plain text, chat or prompt/completion data for this model.",
+            TRAINING_FILE_PARAM,
+        )
+    examples, skipped_rows, truncated_file = _read_examples(path, filename, data_format, callback)
+
+    tokenizer = train_byte_level_bpe(
+        (example_text(example) for example in examples), vocab_size=config.vocab_size, special_tokens=(END_OF_TEXT,)
+    )
+    if task == DatasetTask.CHAT:
+        # Added before the model is built, so the embeddings cover them and they are saved with the tokenizer.
+        templates.ensure_template_tokens(tokenizer, config.chat_template)
+    tokenizer.model_max_length = config.context_length
+    row_length = config.context_length + 1
+
+    cache_key = None
+    cache_hit = None
+    if config.tokenized_cache_dir is not None:
+        cache_key, cache_hit, input_ids, labels, truncated_examples = _tokenize_through_cache(
+            config, examples, tokenizer, task=task
+        )
+    else:
+        input_ids, labels, truncated_examples = _tokenize_in_memory(config, examples, tokenizer)
+    example_count = len(examples)
+    del examples
+
+    if truncated_examples:
+        callback.on_event(
+            TrainingEvent(
+                level="warning",
+                message=f"{truncated_examples:,} of {example_count:,} examples are longer than {row_length} tokens "
+                "(context_length + 1) and were cut at the end; raise context_length to train on all of them.",
+                data={"truncated_examples": truncated_examples},
+            )
+        )
+    if input_ids.numel() < row_length:
+        raise TrainingDataError(
+            TOO_LITTLE_DATA,
+            f"The training file's {example_count:,} examples make {input_ids.numel()} tokens, fewer than the "
+            f"{row_length} one training row needs (context_length + 1). Add more examples or lower context_length.",
+            TRAINING_FILE_PARAM,
+        )
+    row_count = input_ids.numel() // row_length
+    packed_rows = input_ids[: row_count * row_length].view(row_count, row_length)
+    packed_labels = labels[: row_count * row_length].view(row_count, row_length)
+    trained_per_row = (packed_labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    trained_tokens = int(trained_per_row.sum())
+    if trained_tokens == 0:
+        if task == DatasetTask.CHAT and config.train_on == "completions":
+            advice = 'every assistant message has "weight": 0. Give some of them weight 1, or set train_on to "all".'
+        else:
+            advice = 'set train_on to "all" to train on every token.'
+        raise TrainingDataError(
+            NOTHING_TO_TRAIN,
+            f"No token of the training file is trained, so there is nothing to learn: {advice}",
+            TRAINING_FILE_PARAM,
+        )
+    stats = TrainingRowsStats(
+        task=str(task),
+        examples=example_count,
+        skipped_rows=skipped_rows,
+        truncated_examples=truncated_examples,
+        sequence_tokens=input_ids.numel(),
+        packed_tokens=packed_rows.numel(),
+        trained_tokens=trained_tokens,
+        masked_tokens=row_count * config.context_length - trained_tokens,
+        trainable_rows=int((trained_per_row > 0).sum()),
+        cache_key=cache_key,
+        cache_hit=cache_hit,
+        truncated_file=truncated_file,
+    )
+    return TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_labels, stats=stats)
+
+
+def _read_examples(
+    path: str, filename: str, data_format: DatasetFormat, callback: TrainingCallback
+) -> tuple[list[Example], int, bool]:
+    """The file's examples (up to MAX_TRAINING_TEXT_BYTES of their text), the rows skipped, and whether it was cut."""
+    examples: list[Example] = []
+    skipped: list[RowError] = []
+    text_bytes = 0
+    truncated = False
+    try:
+        with contextlib.closing(formats.iter_examples(path, filename=filename, fmt=data_format)) as rows:
+            for item in rows:
+                if isinstance(item, RowError):
+                    if item.line == 0:
+                        # A whole-file problem (a damaged gzip stream, too many rows): the rest is unreadable.
+                        raise TrainingDataError(item.code, item.message, TRAINING_FILE_PARAM)
+                    skipped.append(item)
+                    continue
+                examples.append(item)
+                text_bytes += len(example_text(item).encode("utf-8"))
+                if text_bytes >= MAX_TRAINING_TEXT_BYTES:
+                    truncated = True
+                    break
+    except formats.UnsupportedFormat as error:
+        raise TrainingDataError(error.code, error.message, TRAINING_FILE_PARAM) from error
+    if truncated:
+        _warn_truncated_file(callback)
+    if skipped:
+        first = skipped[0]
+        callback.on_event(
+            TrainingEvent(
+                level="warning",
+                message=f"{len(skipped):,} rows of the training file could not be read and were skipped "
+                f"(first: {first.message})",
+                data={"skipped_rows": len(skipped), "first_error": first.to_dict()},
+            )
+        )
+    if not examples:
+        reason = f" The first problem: {skipped[0].message}" if skipped else ""
+        raise TrainingDataError(
+            TOO_LITTLE_DATA, f"The training file has no valid example to train on.{reason}", TRAINING_FILE_PARAM
+        )
+    return examples, len(skipped), truncated
+
+
+def _tokenize_in_memory(
+    config: FromScratchCausalLMConfig, examples: Sequence[Example], tokenizer: PreTrainedTokenizerFast
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All examples' input ids and labels end to end, and how many examples were truncated."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    truncated = 0
+    for start in range(0, len(examples), _EXAMPLES_PER_TOKENIZE_BATCH):
+        # Looked up on the module at call time, so a test can count the calls.
+        for item in templates.tokenize_batch(
+            examples[start : start + _EXAMPLES_PER_TOKENIZE_BATCH],
+            tokenizer,
+            template=config.chat_template,
+            train_on=config.train_on,
+            max_length=config.context_length + 1,
+        ):
+            input_ids += item.input_ids
+            labels += item.labels
+            truncated += item.truncated
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated
+
+
+def _tokenize_through_cache(
+    config: FromScratchCausalLMConfig,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    task: DatasetTask,
+) -> tuple[str, bool, torch.Tensor, torch.Tensor, int]:
+    """Like _tokenize_in_memory, through the tokenized cache; also returns the cache key and whether it was hit."""
+    # Imported here: `datasets` takes a second to import, and plain-text runs and the CLI's error paths never use it.
+    import pyarrow.compute as arrow_compute
+
+    from workers.ml.data import tokenized_cache
+
+    assert config.tokenized_cache_dir is not None
+    max_length = config.context_length + 1
+    key = tokenized_cache.cache_key(
+        dataset_sha256=_file_sha256(config.train_file),
+        tokenizer_fingerprint=tokenized_cache.tokenizer_fingerprint(tokenizer),
+        template=config.chat_template,
+        train_on=config.train_on,
+        max_length=max_length,
+        task=str(task),
+    )
+    hit = tokenized_cache.cache_hit(config.tokenized_cache_dir, key)
+    dataset = tokenized_cache.tokenize_to_cache(
+        examples,
+        tokenizer,
+        cache_dir=config.tokenized_cache_dir,
+        key=key,
+        template=config.chat_template,
+        train_on=config.train_on,
+        max_length=max_length,
+        batch_rows=_EXAMPLES_PER_TOKENIZE_BATCH,
+    )
+    table = dataset.data
+
+    def flat(column: str) -> torch.Tensor:
+        # The cache is memory-mapped and read-only; astype copies it into memory this process owns.
+        values = arrow_compute.list_flatten(table.column(column)).to_numpy()
+        return torch.from_numpy(values.astype("int64"))
+
+    truncated = int(arrow_compute.sum(table.column("truncated").cast("int64")).as_py() or 0)
+    return key, hit, flat("input_ids"), flat("labels"), truncated
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _warn_truncated_file(callback: TrainingCallback) -> None:
+    callback.on_event(
+        TrainingEvent(
+            level="warning",
+            message=f"The training file is larger than {MAX_TRAINING_TEXT_BYTES // (1024 * 1024)} MB; "
+            "only its beginning is used.",
+        )
+    )
 
 
 def _split_documents(text: str) -> list[str]:

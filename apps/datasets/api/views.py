@@ -42,7 +42,7 @@ def file_to_json(file: File) -> dict:
         "sha256": file.sha256,
         "format": file.format or None,
         "task": file.task or None,
-        "column_mapping": file.column_mapping,
+        "column_mapping": file.column_mapping or (file.validation_report or {}).get("column_mapping"),
         "validation_report": file.validation_report or None,
     }
 

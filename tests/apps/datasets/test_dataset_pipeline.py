@@ -200,3 +200,31 @@ def test_overlap_with_a_validation_file_is_reported(celery_workers, tenant_a, sa
     ]
     assert report["validation_overlap"]["count"] == 12
     assert report["validation_overlap"]["validation_file"] == held_out["id"]
+
+
+def test_chat_file_trains_with_the_previewed_labels(celery_workers, tenant_a, samples):
+    """A chat file trains from scratch through the real workers, with the loss on assistant turns only."""
+    client = tenant_a.api()
+    chat = validated(client, upload(client, samples["chat.jsonl"].read_bytes(), "chat.jsonl")["id"])
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        {
+            "model": "gpt2-tiny",
+            "training_file": chat["id"],
+            "hyperparameters": {"max_steps": 20, "chat_template": "chatml", "train_on": "completions"},
+        },
+        format="json",
+    ).json()
+    finished = wait_for(
+        client, f"/v1/fine_tuning/jobs/{job['id']}", lambda j: j["status"] in {"succeeded", "failed"}, timeout=180
+    )
+    assert finished["status"] == "succeeded", finished["error"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", {"limit": 100}).json()["data"]
+    metrics = [event["data"] for event in events if event["type"] == "metrics"]
+    assert metrics and 0 < metrics[0]["trained_tokens_fraction"] < 1
+    refused = client.post(
+        "/v1/fine_tuning/jobs",
+        {"model": "gpt2-tiny", "training_file": chat["id"], "hyperparameters": {"tokenized_cache_dir": "/etc"}},
+        format="json",
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "hyperparameters.tokenized_cache_dir"
