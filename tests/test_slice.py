@@ -2,12 +2,12 @@
 upload a text file → `cpu` validation → job → `gpu` training → events → model in the store → generation."""
 
 import io
-import time
 
 import pytest
 
 from apps.core.storage import object_store
 from tests.corpus import english_corpus
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,13 +27,7 @@ def _file_named(content: bytes, name: str):
 
 
 def _wait_for_job(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} stayed {job['status']} for {timeout} s")
+    return wait_for(client, f"/v1/fine_tuning/jobs/{job_id}", lambda job: job["status"] in statuses, timeout)
 
 
 def test_text_file_trains_a_model_through_real_workers(celery_workers, tenant_a):

@@ -63,6 +63,14 @@ def _require_tenant(request):
     return context
 
 
+def _tenant_object_or_404(request, selector, public_id: str, what: str):
+    """One of the active tenant's objects by public id; another tenant's id is simply not found."""
+    found = selector(tenant=_require_tenant(request).tenant, public_id=public_id)
+    if found is None:
+        raise Http404(f"No such {what}.")
+    return found
+
+
 @login_required
 @require_POST
 def switch_tenant(request):
@@ -100,10 +108,7 @@ def home(request):
 
 @login_required
 def job_detail(request, public_id: str):
-    context = _require_tenant(request)
-    job = job_get(tenant=context.tenant, public_id=public_id)
-    if job is None:
-        raise Http404("No such job.")
+    job = _tenant_object_or_404(request, job_get, public_id, "job")
     return render(request, "dashboard/job_detail.html", {"job": job, "job_json": job_to_json(job)})
 
 
@@ -136,17 +141,14 @@ def api_keys(request):
 
 @login_required
 def file_detail(request, public_id: str):
-    context = _require_tenant(request)
-    file = file_get(tenant=context.tenant, public_id=public_id)
-    if file is None:
-        raise Http404("No such file.")
+    file = _tenant_object_or_404(request, file_get, public_id, "file")
     return render(
         request,
         "dashboard/file_detail.html",
         {
             "file": file,
             "report": file.validation_report or {},
-            "tokenizers": tokenizer_list(tenant=context.tenant).filter(status="ready"),
+            "tokenizers": tokenizer_list(tenant=file.tenant).filter(status="ready"),
             "templates": CHAT_TEMPLATES,
             "preview_max": PREVIEW_MAX_EXAMPLES,
         },
@@ -156,10 +158,7 @@ def file_detail(request, public_id: str):
 @login_required
 def file_errors_csv(request, public_id: str):
     """The validation errors as CSV; cells are neutralised so a spreadsheet never runs user data as a formula."""
-    context = _require_tenant(request)
-    file = file_get(tenant=context.tenant, public_id=public_id)
-    if file is None:
-        raise Http404("No such file.")
+    file = _tenant_object_or_404(request, file_get, public_id, "file")
     errors = (file.validation_report or {}).get("errors") or []
     body = csv_text(["line", "code", "message"], ([e.get("line"), e.get("code"), e.get("message")] for e in errors))
     response = HttpResponse(body, content_type="text/csv; charset=utf-8")
@@ -183,8 +182,5 @@ def tokenizers(request):
 
 @login_required
 def tokenizer_detail(request, public_id: str):
-    context = _require_tenant(request)
-    tokenizer = tokenizer_get(tenant=context.tenant, public_id=public_id)
-    if tokenizer is None:
-        raise Http404("No such tokenizer.")
+    tokenizer = _tenant_object_or_404(request, tokenizer_get, public_id, "tokenizer")
     return render(request, "dashboard/tokenizer_detail.html", {"tokenizer": tokenizer, "report": tokenizer.report})

@@ -2,24 +2,14 @@
 rendered from the same labels the trainer computes; user text is shown as text, never as markup."""
 
 import json
-import time
 
 import pytest
 from playwright.sync_api import expect
 
+from tests.polling import wait_for
 from workers.ml.data.samples import write_sample_datasets
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser]
-
-
-def _wait(client, path: str, done, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(path).json()
-        if done(body):
-            return body
-        time.sleep(0.3)
-    raise AssertionError(f"{path}: {body}")
 
 
 def test_token_preview_colours_trained_and_masked_tokens(browser, asgi_server, celery_workers, tenant_a, tmp_path):
@@ -34,13 +24,13 @@ def test_token_preview_colours_trained_and_masked_tokens(browser, asgi_server, c
         handle.writelines(rows)
     with open(chat_path, "rb") as handle:
         file = api.post("/v1/files", {"purpose": "fine-tune", "file": handle}, format="multipart").json()
-    _wait(api, f"/v1/files/{file['id']}", lambda f: f["status"] == "processed")
+    wait_for(api, f"/v1/files/{file['id']}", lambda f: f["status"] == "processed")
     tokenizer = api.post(
         "/v1/tokenizers",
         {"training_file": file["id"], "algorithm": "bpe", "vocab_size": 400, "name": "chat-bpe"},
         format="json",
     ).json()
-    _wait(api, f"/v1/tokenizers/{tokenizer['id']}", lambda t: t["status"] == "ready")
+    wait_for(api, f"/v1/tokenizers/{tokenizer['id']}", lambda t: t["status"] == "ready")
 
     context = browser.new_context(base_url=asgi_server, viewport={"width": 1280, "height": 900})
     try:

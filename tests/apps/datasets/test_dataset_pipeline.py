@@ -4,12 +4,12 @@ shows exactly which tokens are trained, and bad input fails cleanly with the rea
 import gzip
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from apps.datasets.models import File
+from tests.polling import wait_for
 from workers.ml.data.samples import write_sample_datasets
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,16 +29,6 @@ def upload(client, content: bytes, name: str, column_mapping: dict | None = None
     response = client.post("/v1/files", data, format="multipart")
     assert response.status_code == 200, response.content
     return response.json()
-
-
-def wait_for(client, path: str, done, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(path).json()
-        if done(body):
-            return body
-        time.sleep(0.3)
-    raise AssertionError(f"{path} did not finish: {body}")
 
 
 def validated(client, file_id: str) -> dict:
