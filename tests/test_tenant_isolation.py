@@ -198,6 +198,16 @@ def probe_job_list(w):
         content_type="application/json",
     )
     _assert_not_found(response)
+    # Nor use A's file as its validation file.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/y"
+    )
+    response = w["api_b"].post(
+        "/v1/fine_tuning/jobs",
+        {"model": "gpt2-tiny", "training_file": own.public_id, "validation_file": w["file"].public_id},
+        content_type="application/json",
+    )
+    _assert_not_found(response)
     assert FineTuningJob.objects.count() == 1
 
 

@@ -15,7 +15,7 @@ from apps.core.csv_export import csv_text
 from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
 from apps.datasets.services import PREVIEW_MAX_EXAMPLES
 from apps.jobs.catalog import CATALOG
-from apps.jobs.selectors import job_get, job_list
+from apps.jobs.selectors import files_trainable_from_scratch, job_get, job_list
 from apps.jobs.serialization import job_to_json
 from apps.tenancy.context import SESSION_TENANT_KEY
 from apps.tenancy.models import ApiKey
@@ -99,6 +99,7 @@ def home(request):
         "dashboard/home.html",
         {
             "files": file_list(tenant=context.tenant)[:50],
+            "trainable_files": files_trainable_from_scratch(tenant=context.tenant)[:50],
             "jobs": job_list(tenant=context.tenant)[:50],
             "catalog": CATALOG.values(),
             "hyperparameters": _hyperparameter_fields(),

@@ -25,7 +25,7 @@ from workers.ml.data.formats import (
     UnsupportedFormat,
     iter_examples,
 )
-from workers.ml.data.templates import CHAT_TEMPLATES, preview_examples
+from workers.ml.data.templates import CHAT_TEMPLATES, ensure_template_tokens, preview_examples
 from workers.ml.data.validation import validate_dataset
 from workers.ml.errors import TrainingDataError
 from workers.ml.tokenizer_training import (
@@ -261,10 +261,13 @@ def file_preview(
     if tokenizer.status != TokenizerStatus.READY:
         raise ApiError(f"Tokenizer {tokenizer.public_id} is {tokenizer.status}, not ready.", param="tokenizer")
     examples = _valid_examples(file, limit)
+    loaded = tokenizer_load(tokenizer)
+    # As the trainer does: the template's markers become single special tokens, so the preview shows what trains.
+    ensure_template_tokens(loaded, template)
     try:
         return preview_examples(
             examples,
-            tokenizer_load(tokenizer),
+            loaded,
             template=template,
             train_on=train_on,
             max_length=max_length,

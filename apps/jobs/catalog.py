@@ -10,6 +10,10 @@ class CatalogEntry:
     from_scratch: bool
 
 
+# What the from-scratch trainer reads today: text, and chat / prompt-completion JSONL with masked labels.
+FROM_SCRATCH_TASKS = frozenset({"causal_lm", "chat", "prompt_completion"})
+FROM_SCRATCH_FORMATS = frozenset({"text", "chat_jsonl", "prompt_completion_jsonl", "text_jsonl"})
+
 CATALOG = {
     "gpt2-tiny": CatalogEntry(
         id="gpt2-tiny",

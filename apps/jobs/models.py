@@ -45,6 +45,9 @@ class FineTuningJob(TenantOwnedModel):
     public_id = models.CharField(max_length=40, unique=True, default=_new_job_id, editable=False)
     model = models.CharField(max_length=100, help_text="Catalog id of the base model or architecture.")
     training_file = models.ForeignKey(File, on_delete=models.PROTECT, related_name="training_jobs")
+    validation_file = models.ForeignKey(
+        File, on_delete=models.PROTECT, related_name="validation_jobs", null=True, blank=True
+    )
     hyperparameters = models.JSONField(default=dict)
     suffix = models.CharField(max_length=64, blank=True, default="")
     seed = models.IntegerField(default=0)

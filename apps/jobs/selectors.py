@@ -1,13 +1,14 @@
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from apps.datasets.models import File
 from apps.tenancy.models import Tenant
 
+from .catalog import FROM_SCRATCH_FORMATS, FROM_SCRATCH_TASKS
 from .models import FineTuningJob, JobEvent
 
 
 def job_list(*, tenant: Tenant) -> QuerySet[FineTuningJob]:
-    return FineTuningJob.objects.for_tenant(tenant).select_related("training_file", "tenant")
+    return FineTuningJob.objects.for_tenant(tenant).select_related("training_file", "validation_file", "tenant")
 
 
 def job_get(*, tenant: Tenant, public_id: str) -> FineTuningJob | None:
@@ -36,4 +37,12 @@ def job_events_newest_first(
 
 
 def file_is_used_by_jobs(*, tenant: Tenant, file: File) -> bool:
-    return FineTuningJob.objects.for_tenant(tenant).filter(training_file=file).exists()
+    return FineTuningJob.objects.for_tenant(tenant).filter(Q(training_file=file) | Q(validation_file=file)).exists()
+
+
+def files_trainable_from_scratch(*, tenant: Tenant) -> QuerySet[File]:
+    """Files a from-scratch job can use: still being checked, or checked and in a format the trainer reads."""
+    files = File.objects.for_tenant(tenant)
+    return files.filter(status="uploaded") | files.filter(
+        status="processed", format__in=FROM_SCRATCH_FORMATS, task__in=FROM_SCRATCH_TASKS
+    )

@@ -31,7 +31,7 @@ def job_to_json(job: FineTuningJob) -> dict:
         "organization_id": job.tenant.slug,
         "result_files": [],
         "status": job.status,
-        "validation_file": None,
+        "validation_file": job.validation_file.public_id if job.validation_file_id else None,
         "training_file": job.training_file.public_id,
         "hyperparameters": job.hyperparameters,
         "trained_tokens": job.trained_tokens,

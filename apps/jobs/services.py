@@ -11,6 +11,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.core.api.errors import ApiError
@@ -24,7 +25,7 @@ from workers.ml.errors import TrainingDataError
 from workers.ml.generate import GenerationResult, generate_text
 from workers.ml.train import train_causal_lm_from_scratch
 
-from .catalog import CATALOG
+from .catalog import CATALOG, FROM_SCRATCH_FORMATS, FROM_SCRATCH_TASKS
 from .models import EventLevel, EventType, FineTuningJob, JobEvent, JobPhase, JobStatus, JobStatusChange
 from .realtime import publish_job_event, publish_job_update
 from .serialization import event_to_json, job_to_json
@@ -33,10 +34,15 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_ACTOR = "system"
 # Fields of the training config that the platform fills in; a caller may not set them.
-_PLATFORM_OWNED_FIELDS = {"train_file", "output_dir", "device", "train_filename", "tokenized_cache_dir"}
-# What the from-scratch trainer reads today: text, and chat / prompt-completion JSONL with masked labels.
-_FROM_SCRATCH_TASKS = {"causal_lm", "chat", "prompt_completion"}
-_FROM_SCRATCH_FORMATS = {"text", "chat_jsonl", "prompt_completion_jsonl", "text_jsonl"}
+_PLATFORM_OWNED_FIELDS = {
+    "train_file",
+    "output_dir",
+    "device",
+    "train_filename",
+    "tokenized_cache_dir",
+    "validation_file",  # given as the job's validation_file (a file id), not a path
+    "validation_filename",
+}
 # How often a running executor re-reads its row to notice a cancel or a newer attempt (fencing).
 _CONTROL_POLL_SECONDS = 1.0
 
@@ -103,15 +109,35 @@ def validate_base_model(model: str) -> None:
 def training_data_problem(file: File, model: str) -> str | None:
     """Why this model cannot train on this file yet, or None. The from-scratch trainer reads plain text and chat or
     prompt/completion JSONL; classification and seq2seq training arrive with the training engine (Step 3)."""
-    if CATALOG[model].from_scratch and (
-        file.format not in _FROM_SCRATCH_FORMATS or file.task not in _FROM_SCRATCH_TASKS
-    ):
+    if CATALOG[model].from_scratch and (file.format not in FROM_SCRATCH_FORMATS or file.task not in FROM_SCRATCH_TASKS):
         return (
             f"{model} trains on plain text, chat or prompt/completion data for now; {file.public_id} is "
             f"{file.format or 'an unknown format'} ({file.task or 'unknown task'}). "
             "Training on that is not available yet."
         )
     return None
+
+
+def _files_verdict(job_files: list[tuple[File, str]], model: str) -> tuple[str, dict | None]:
+    """("ready" | "waiting" | "failed", error) for a job's files: all checked and usable, some still being
+    checked, or one unusable (with the OpenAI-shaped error naming which parameter)."""
+    waiting = False
+    for file, param in job_files:
+        if file.status == FileStatus.ERROR:
+            message = f"File {file.public_id} failed validation: {file.status_details}"
+            return "failed", {"code": f"invalid_{param}", "message": message, "param": param}
+        if file.status == FileStatus.UPLOADED:
+            waiting = True
+        elif problem := training_data_problem(file, model):
+            return "failed", {"code": "unsupported_training_data", "message": problem, "param": param}
+    return ("waiting" if waiting else "ready"), None
+
+
+def _job_files(job: FineTuningJob) -> list[tuple[File, str]]:
+    files = [(job.training_file, "training_file")]
+    if job.validation_file_id:
+        files.append((job.validation_file, "validation_file"))
+    return files
 
 
 @transaction.atomic
@@ -123,26 +149,32 @@ def job_create(
     model: str,
     hyperparameters: dict | None = None,
     suffix: str = "",
+    validation_file: File | None = None,
 ) -> FineTuningJob:
     validate_base_model(model)
-    if training_file.tenant_id != tenant.pk:
-        raise ApiError("No such file.", code="not_found", param="training_file", status_code=404)
-    # Lock the file row and read its status afresh: validation records its result under the same lock, so either
+    job_files = [(training_file, "training_file")] + ([(validation_file, "validation_file")] if validation_file else [])
+    for file, param in job_files:
+        if file.tenant_id != tenant.pk:
+            raise ApiError("No such file.", code="not_found", param=param, status_code=404)
+    if validation_file is not None and validation_file.pk == training_file.pk:
+        raise ApiError("The validation file must differ from the training file.", param="validation_file")
+    # Lock the file rows and read their status afresh: validation records its result under the same lock, so either
     # it sees this job waiting, or this job sees the result. Without it a job could wait forever.
-    training_file = File.objects.select_for_update().get(pk=training_file.pk)
-    if training_file.status == FileStatus.ERROR:
-        raise ApiError(
-            f"File {training_file.public_id} failed validation: {training_file.status_details}",
-            code="invalid_training_file",
-            param="training_file",
-        )
-    if training_file.status == FileStatus.PROCESSED and (problem := training_data_problem(training_file, model)):
-        raise ApiError(problem, code="unsupported_training_data", param="training_file")
+    job_files = [(File.objects.select_for_update().get(pk=file.pk), param) for file, param in job_files]
+    verdict, error = _files_verdict(job_files, model)
+    if verdict == "failed":
+        raise ApiError(error["message"], code=error["code"], param=error["param"])
     resolved = resolve_hyperparameters(hyperparameters)
+    if validation_file is not None and resolved.get("validation_fraction"):
+        raise ApiError(
+            "Give either a validation_file or hyperparameters.validation_fraction, not both.",
+            param="hyperparameters.validation_fraction",
+        )
     job = FineTuningJob.objects.create(
         tenant=tenant,
         model=model,
-        training_file=training_file,
+        training_file=job_files[0][0],
+        validation_file=validation_file,
         hyperparameters=resolved,
         suffix=(suffix or "")[:64],
         seed=resolved.get("seed", 0),
@@ -151,10 +183,11 @@ def job_create(
     )
     JobStatusChange.objects.create(job=job, from_status="", to_status=job.status, actor=_actor(user))
     job_event_record(job=job, message=f"Created fine-tuning job: {job.public_id}")
-    if training_file.status == FileStatus.PROCESSED:
+    if verdict == "ready":
         _enqueue(job, actor=_actor(user))
     else:
-        job_event_record(job=job, message=f"Validating training file: {training_file.public_id}")
+        pending = ", ".join(file.public_id for file, _ in job_files if file.status == FileStatus.UPLOADED)
+        job_event_record(job=job, message=f"Validating training file: {pending}")
     return job
 
 
@@ -169,13 +202,17 @@ def _enqueue(job: FineTuningJob, *, actor: str) -> None:
 
 @transaction.atomic
 def jobs_advance_after_file_validation(*, file: File) -> None:
-    waiting = FineTuningJob.objects.select_for_update().filter(training_file=file, status=JobStatus.VALIDATING_FILES)
+    """Queues the jobs whose files are now all checked, and fails those with an unusable file."""
+    waiting = (
+        FineTuningJob.objects.select_for_update()
+        .select_related("training_file", "validation_file")
+        .filter(Q(training_file=file) | Q(validation_file=file), status=JobStatus.VALIDATING_FILES)
+    )
     for job in waiting:
-        problem = training_data_problem(file, job.model) if file.status == FileStatus.PROCESSED else None
-        if file.status == FileStatus.PROCESSED and problem is None:
+        verdict, error = _files_verdict(_job_files(job), job.model)
+        if verdict == "ready":
             _enqueue(job, actor=SYSTEM_ACTOR)
-        elif problem is not None:
-            error = {"code": "unsupported_training_data", "message": problem, "param": "training_file"}
+        elif verdict == "failed":
             _transition(
                 job,
                 to_status=JobStatus.FAILED,
@@ -184,18 +221,7 @@ def jobs_advance_after_file_validation(*, file: File) -> None:
                 error=error,
                 finished_at=timezone.now(),
             )
-            job_event_record(job=job, level=EventLevel.ERROR, message=problem)
-        elif file.status == FileStatus.ERROR:
-            error = {"code": "invalid_training_file", "message": file.status_details, "param": "training_file"}
-            _transition(
-                job,
-                to_status=JobStatus.FAILED,
-                phase=JobPhase.DONE,
-                actor=SYSTEM_ACTOR,
-                error=error,
-                finished_at=timezone.now(),
-            )
-            job_event_record(job=job, level=EventLevel.ERROR, message=f"Training file invalid: {file.status_details}")
+            job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
 
 
 @transaction.atomic
@@ -237,12 +263,16 @@ class _JobProgress:
         job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=event.data)
         if event.type == EventType.METRICS and event.data:
             # Fenced update: only the current attempt may move the progress.
-            FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(
-                steps_completed=event.data.get("step", 0),
-                total_steps=event.data.get("total_steps", self.job.total_steps),
-                latest_train_loss=event.data.get("train_loss"),
-                lease_heartbeat_at=timezone.now(),
-            )
+            progress = {"lease_heartbeat_at": timezone.now()}
+            for field, key in (
+                ("steps_completed", "step"),
+                ("total_steps", "total_steps"),
+                ("latest_train_loss", "train_loss"),
+            ):
+                # An evaluation-only event may lack the training loss: keep the last one rather than blank it.
+                if event.data.get(key) is not None:
+                    progress[field] = event.data[key]
+            FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(**progress)
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -291,6 +321,15 @@ def _finish(job: FineTuningJob, *, attempt: int, to_status: str, **fields) -> bo
         return True
 
 
+def _validation_config(job: FineTuningJob) -> dict:
+    if not job.validation_file_id:
+        return {}
+    return {
+        "validation_file": str(file_local_path(job.validation_file)),
+        "validation_filename": job.validation_file.filename,
+    }
+
+
 def job_run(*, job_id: int) -> None:
     """Runs one training attempt for the job: download the data, train, store the model, record the outcome."""
     job = _claim(job_id)
@@ -313,6 +352,7 @@ def job_run(*, job_id: int) -> None:
                 "train_filename": job.training_file.filename,
                 "tokenized_cache_dir": str(Path(settings.WORK_DIR) / "tokenized"),
                 "output_dir": str(work_dir / "model"),
+                **_validation_config(job),
             }
         )
         result = train_causal_lm_from_scratch(config, progress)

@@ -26,6 +26,8 @@ MAX_CONTEXT_LENGTH = 32_768
 MAX_BATCH_SIZE = 4_096
 MAX_LEARNING_RATE = 1.0
 MAX_SEED = 2**32 - 1
+# Holding out more than half of the data would leave less to train on than to measure with.
+MAX_VALIDATION_FRACTION = 0.5
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -76,12 +78,33 @@ class FromScratchCausalLMConfig:
     tokenized_cache_dir: str | None = None
     """Folder where the tokenized examples are stored and found again by a later run on the same file, tokenizer,
     template, train_on and context_length (a retry, a resumed job). None: tokenize in memory every time."""
+    validation_file: str | None = None
+    """Local path of held-out data to measure a validation loss on, in any format ``train_file`` accepts and of the
+    same kind (plain text with plain text, chat with chat...). It is tokenized with the tokenizer trained on
+    ``train_file`` and never trained on. None: no validation file (see ``validation_fraction``)."""
+    validation_filename: str | None = None
+    """The validation file's original name, whose ending decides how it is read, as ``train_filename`` does for the
+    training file. None: the name of ``validation_file``. Only meaningful with ``validation_file``."""
+    validation_fraction: float = 0.0
+    """Without ``validation_file``: the share of the training documents (plain text) or examples held out, by a split
+    seeded with ``seed``, to measure a validation loss on; they are left out of the tokenizer and of training.
+    0 disables it; at most 0.5. Cannot be combined with ``validation_file``."""
+    eval_every_steps: int = 0
+    """With validation data: measure the validation loss every this many steps and at the end of the run (each
+    evaluation also emits a metrics event); 0: only at the end. Ignored without validation data."""
 
     def __post_init__(self) -> None:
         # Validating here rather than only in from_dict means a config built in a notebook is checked too.
         for field in dataclasses.fields(self):
             _check_type(field.name, getattr(self, field.name), field.type)
-        for path_field in ("train_file", "output_dir", "train_filename", "tokenized_cache_dir"):
+        for path_field in (
+            "train_file",
+            "output_dir",
+            "train_filename",
+            "tokenized_cache_dir",
+            "validation_file",
+            "validation_filename",
+        ):
             value = getattr(self, path_field)
             if value is not None and not value.strip():
                 raise TrainingDataError(INVALID_HYPERPARAMETER, f"{path_field} must not be empty.", path_field)
@@ -109,11 +132,34 @@ class FromScratchCausalLMConfig:
         _check_int_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         _check_int_range("seed", self.seed, 0, MAX_SEED)
         _check_int_range("log_every_steps", self.log_every_steps, 1, MAX_STEPS_LIMIT)
+        _check_int_range("eval_every_steps", self.eval_every_steps, 0, MAX_STEPS_LIMIT)
+        self._check_validation()
         if not _DEVICE_PATTERN.match(self.device):
             raise TrainingDataError(
                 INVALID_HYPERPARAMETER,
                 f'device must be "auto", "cpu", "cuda", "cuda:N" or "mps"; got {self.device!r}.',
                 "device",
+            )
+
+    def _check_validation(self) -> None:
+        fraction = self.validation_fraction
+        if not (math.isfinite(fraction) and 0 <= fraction <= MAX_VALIDATION_FRACTION):
+            raise TrainingDataError(
+                INVALID_HYPERPARAMETER,
+                f"validation_fraction must be between 0 and {MAX_VALIDATION_FRACTION}; got {fraction}.",
+                "validation_fraction",
+            )
+        if self.validation_file is not None and fraction > 0:
+            raise TrainingDataError(
+                INVALID_HYPERPARAMETER,
+                "Give either a validation file or a validation_fraction of the training data to hold out, not both.",
+                "validation_fraction",
+            )
+        if self.validation_filename is not None and self.validation_file is None:
+            raise TrainingDataError(
+                INVALID_HYPERPARAMETER,
+                "validation_filename is only meaningful with validation_file.",
+                "validation_filename",
             )
 
     @classmethod

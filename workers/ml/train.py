@@ -6,6 +6,9 @@ examples (JSONL, JSON, their ``.gz`` forms, or records from CSV/Parquet) are ren
 shows as trained is what the loss sees — then packed end to end the same way, and the loss covers only the
 positions whose label is not ``IGNORE_INDEX``.
 
+With a validation file, or a seeded share of the training documents or examples held out, a validation loss is
+measured on rows tokenized and packed the same way, with the tokenizer trained on the training side only.
+
 Also a command line: ``python -m workers.ml.train CONFIG.json`` prints events as JSON lines and a final result line.
 """
 
@@ -30,7 +33,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as functional
@@ -40,6 +43,7 @@ from workers.ml.callbacks import JsonLinesCallback, NullCallback, TrainingCallba
 from workers.ml.config import INVALID_HYPERPARAMETER, FromScratchCausalLMConfig
 from workers.ml.data import formats, templates
 from workers.ml.data.examples import DatasetFormat, DatasetTask, Example, RowError, example_text
+from workers.ml.data.split import split_indices
 from workers.ml.data.templates import IGNORE_INDEX
 from workers.ml.errors import TrainingDataError
 from workers.ml.tokenizer_training import END_OF_TEXT, train_byte_level_bpe
@@ -55,6 +59,8 @@ _MAX_GRADIENT_NORM = 1.0
 _WEIGHT_DECAY = 0.1
 _ADAM_BETAS = (0.9, 0.95)
 _DOCUMENT_SEPARATOR = re.compile(r"\n[ \t]*\n+")
+# Below this many documents a held-out share is taken by lines, not documents (see _hold_out_lines).
+_MIN_DOCUMENTS_TO_HOLD_OUT = 10
 _PLAIN_TEXT_ENDINGS = (".txt", ".txt.gz")
 # Tasks with causal language-model labels; classification and seq2seq need other model heads.
 _CAUSAL_TASKS = (DatasetTask.CHAT, DatasetTask.PROMPT_COMPLETION, DatasetTask.CAUSAL_LM)
@@ -64,6 +70,17 @@ TRAINING_FILE_PARAM = "training_file"
 UNSUPPORTED_TASK = "unsupported_task"
 NOTHING_TO_TRAIN = "nothing_to_train"
 TOO_LITTLE_DATA = "too_little_data"
+TOO_LITTLE_VALIDATION_DATA = "too_little_validation_data"
+VALIDATION_MISMATCH = "validation_file_mismatch"
+VALIDATION_FILE_PARAM = "validation_file"
+VALIDATION_FRACTION_PARAM = "validation_fraction"
+# An evaluation runs the whole validation set through the model; capping it keeps each one to a few dozen forward
+# passes however large the validation file is, so evaluating often stays cheap next to training. The first rows
+# are kept, so every evaluation of a run measures the very same rows.
+MAX_VALIDATION_ROWS = 200
+# exp() of a loss above this overflows nothing but means nothing either; the perplexity is capped there.
+_MAX_LOG_PERPLEXITY = 50.0
+_Item = TypeVar("_Item", str, Example)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,8 @@ class TrainingResult:
     """Tokens in the packed training rows."""
     stopped: bool
     """True when the callback asked training to stop before max_steps."""
+    final_valid_loss: float | None = None
+    """Validation loss measured at the last step run (NaN when no step ran); None when the run has no validation."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +153,23 @@ class TrainingRows(NamedTuple):
     stats: TrainingRowsStats
 
 
+class TrainingData(NamedTuple):
+    """The packed training rows and, when the config asks for validation, the validation rows."""
+
+    train: TrainingRows
+    """The rows training samples from; the tokenizer was trained on their text only."""
+    validation: TrainingRows | None
+    """Rows of held-out documents or examples, tokenized, labelled and packed exactly like ``train`` with the same
+    tokenizer, keeping only rows with a trained target and at most MAX_VALIDATION_ROWS of them (their stats count
+    the rows kept; ``examples`` counts every held-out document or example). None without validation."""
+
+
 def build_training_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback | None = None) -> TrainingRows:
+    """The training side of `build_training_data`: the rows the training loop samples from."""
+    return build_training_data(config, callback).train
+
+
+def build_training_data(config: FromScratchCausalLMConfig, callback: TrainingCallback | None = None) -> TrainingData:
     """Read ``config.train_file``, train the tokenizer on it and pack it into rows, as the training loop does.
 
     Plain text (``.txt``, ``.txt.gz``) is split into documents, each followed by an end-of-text token. Other files
@@ -142,15 +177,35 @@ def build_training_rows(config: FromScratchCausalLMConfig, callback: TrainingCal
     `templates.tokenize_batch` (through the tokenized cache when ``tokenized_cache_dir`` is set), and packed end to
     end. Raises TrainingDataError for data the user must fix, including data where no token is trained (e.g. every
     assistant turn has weight 0): that run could only ever report a loss of nothing.
+
+    With ``validation_fraction``, a seeded share of the documents (plain text) or examples is held out before the
+    tokenizer is trained; with ``validation_file``, that file is read the same way. Either is tokenized and packed
+    like the training data into ``validation`` rows (too few of them: ``too_little_validation_data``).
     """
     callback = callback or NullCallback()
     filename = config.train_filename or os.path.basename(config.train_file)
+    plain_text = _is_plain_text(filename, name_given=config.train_filename is not None)
+    if config.validation_file is not None:
+        validation_filename = config.validation_filename or os.path.basename(config.validation_file)
+        validation_plain_text = _is_plain_text(validation_filename, name_given=config.validation_filename is not None)
+        if validation_plain_text != plain_text:
+            kinds = {True: "plain text", False: "examples (JSONL, JSON, CSV or Parquet)"}
+            raise TrainingDataError(
+                VALIDATION_MISMATCH,
+                f"The validation file {validation_filename!r} holds {kinds[validation_plain_text]} but the training "
+                f"file {filename!r} holds {kinds[plain_text]}; the validation data must be of the same kind.",
+                VALIDATION_FILE_PARAM,
+            )
+    if plain_text:
+        return _plain_text_data(config, callback, compressed=filename.strip().lower().endswith(".gz"))
+    return _example_data(config, callback, filename)
+
+
+def _is_plain_text(filename: str, *, name_given: bool) -> bool:
     lowered = filename.strip().lower()
-    legacy_name = config.train_filename is None and not lowered.endswith(formats.SUPPORTED_EXTENSIONS)
-    if lowered.endswith(_PLAIN_TEXT_ENDINGS) or legacy_name:
-        # Files were always read as plain text before train_filename existed, whatever their name.
-        return _plain_text_rows(config, callback, compressed=lowered.endswith(".gz"))
-    return _example_rows(config, callback, filename)
+    # Files were always read as plain text before train_filename existed, whatever their name.
+    legacy_name = not name_given and not lowered.endswith(formats.SUPPORTED_EXTENSIONS)
+    return lowered.endswith(_PLAIN_TEXT_ENDINGS) or legacy_name
 
 
 def next_token_loss(logits: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
@@ -176,13 +231,19 @@ def train_causal_lm_from_scratch(
     Raises TrainingDataError for problems the user can fix (empty file, too little text, bad encoding, an unsupported
     task, nothing to train, a loss that diverges). The model, tokenizer and config appear in ``config.output_dir``
     all at once or not at all.
+
+    With validation data (``validation_file`` or ``validation_fraction``) the validation loss is measured every
+    ``eval_every_steps`` steps and at the end; the metrics event of each such step carries ``valid_loss`` and
+    ``valid_perplexity``, and a message event tells it too.
     """
     callback = callback or NullCallback()
     device = _resolve_device(config.device)
     if device.type == "cpu":
         _limit_cpu_threads()
 
-    tokenizer, packed_rows, packed_labels, stats = build_training_rows(config, callback)
+    training_data = build_training_data(config, callback)
+    tokenizer, packed_rows, packed_labels, stats = training_data.train
+    validation = training_data.validation
     # Plain text trains every position: its labels are its inputs, so nothing extra is copied to the device.
     labels_are_inputs = packed_labels is packed_rows
     row_count, row_length = packed_rows.shape
@@ -226,10 +287,19 @@ def train_causal_lm_from_scratch(
             trained_tokens_fraction=round(stats.trained_tokens_fraction, 4),
             tokenized_cache_hit=stats.cache_hit,
         )
+    if validation is not None:
+        origin = "the validation file" if config.validation_file is not None else "held-out training data"
+        message += (
+            f" The validation loss is measured on {validation.input_ids.shape[0]:,} rows of {origin} "
+            f"({validation.stats.examples:,} {'documents' if labels_are_inputs else 'examples'} held out)."
+        )
+        start_data.update(validation_rows=validation.input_ids.shape[0], validation_examples=validation.stats.examples)
     callback.on_event(TrainingEvent(level="info", message=message, data=start_data))
+    evaluator = _Evaluator(validation, batch_size=config.batch_size, device=device) if validation is not None else None
 
     initial_loss = math.nan
     final_loss = math.nan
+    final_valid_loss: float | None = None if evaluator is None else math.nan
     steps_completed = 0
     stopped = False
     window = _MetricsWindow(device, report_trained_fraction=not labels_are_inputs)
@@ -259,11 +329,29 @@ def train_causal_lm_from_scratch(
         if step == 1:
             initial_loss = loss.item()
         window.add(loss.detach(), tokens=inputs.numel(), trained_tokens=int(trained_per_row[indices].sum()))
-        if step % config.log_every_steps == 0 or step == config.max_steps:
-            final_loss = _emit_metrics(callback, window, step, config, learning_rate, sampler.epoch)
+        valid_loss = None
+        if evaluator is not None and _is_evaluation_step(step, config):
+            valid_loss = final_valid_loss = evaluator.loss(model, autocast, step=step)
+        # An evaluation always gets a metrics event, so every validation loss reaches the chart.
+        if step % config.log_every_steps == 0 or step == config.max_steps or valid_loss is not None:
+            final_loss = _emit_metrics(
+                callback, window, step, config, learning_rate, sampler.epoch, valid_loss=valid_loss
+            )
+        if valid_loss is not None:
+            _emit_validation_message(callback, step, valid_loss)
 
-    if stopped and window.steps:
-        final_loss = _emit_metrics(callback, window, steps_completed, config, learning_rate, sampler.epoch)
+    if stopped:
+        valid_loss = None
+        if evaluator is not None and steps_completed and evaluator.last_step != steps_completed:
+            valid_loss = final_valid_loss = evaluator.loss(model, autocast, step=steps_completed)
+        # When the stop comes right after a metrics event, that event is the last one and the validation loss
+        # measured now goes out in the message event and the result only.
+        if window.steps:
+            final_loss = _emit_metrics(
+                callback, window, steps_completed, config, learning_rate, sampler.epoch, valid_loss=valid_loss
+            )
+        if valid_loss is not None:
+            _emit_validation_message(callback, steps_completed, valid_loss)
 
     _save_atomically(model, tokenizer, config.output_dir)
     if stopped:
@@ -272,7 +360,8 @@ def train_causal_lm_from_scratch(
             "the model trained so far was saved."
         )
     else:
-        message = f"Training finished after {steps_completed:,} steps with a training loss of {final_loss:.4f}."
+        message = f"Training finished after {steps_completed:,} steps with a training loss of {final_loss:.4f}"
+        message += "." if final_valid_loss is None else f" and a validation loss of {final_valid_loss:.4f}."
     callback.on_event(TrainingEvent(level="info", message=message))
     return TrainingResult(
         output_dir=str(config.output_dir),
@@ -282,7 +371,59 @@ def train_causal_lm_from_scratch(
         num_parameters=num_parameters,
         train_tokens=train_tokens,
         stopped=stopped,
+        final_valid_loss=final_valid_loss,
     )
+
+
+def _is_evaluation_step(step: int, config: FromScratchCausalLMConfig) -> bool:
+    every = config.eval_every_steps
+    return step == config.max_steps or (every > 0 and step % every == 0)
+
+
+class _Evaluator:
+    """Measures the mean next-token loss over the validation rows, kept on the device for the whole run."""
+
+    def __init__(self, rows: TrainingRows, *, batch_size: int, device: torch.device):
+        self._input_ids = rows.input_ids.to(device)
+        self._labels = self._input_ids if rows.labels is rows.input_ids else rows.labels.to(device)
+        self._trained_targets = int((rows.labels[:, 1:] != IGNORE_INDEX).sum())
+        self._batch_size = batch_size
+        self.last_step: int | None = None
+        """The step of the latest evaluation."""
+
+    def loss(self, model: torch.nn.Module, autocast: contextlib.AbstractContextManager[object], *, step: int) -> float:
+        """Mean loss over every trained target of every row, so the batch size does not change the result."""
+        model.eval()
+        try:
+            total = torch.zeros((), dtype=torch.float64, device=self._input_ids.device)
+            with torch.no_grad():
+                for start in range(0, self._input_ids.shape[0], self._batch_size):
+                    batch = self._input_ids[start : start + self._batch_size]
+                    batch_labels = self._labels[start : start + self._batch_size]
+                    with autocast:
+                        logits = model(input_ids=batch[:, :-1]).logits
+                    # next_token_loss is a mean over the batch's trained targets: weighting it by their count
+                    # turns the batches' means into the mean over all rows.
+                    trained = (batch_labels[:, 1:] != IGNORE_INDEX).sum()
+                    total += next_token_loss(logits, batch_labels).double() * trained
+        finally:
+            model.train()
+        self.last_step = step
+        return total.item() / self._trained_targets
+
+
+def _emit_validation_message(callback: TrainingCallback, step: int, valid_loss: float) -> None:
+    callback.on_event(
+        TrainingEvent(
+            level="info",
+            message=f"Validation loss at step {step:,}: {valid_loss:.4f}",
+            data={"step": step, "valid_loss": valid_loss, "valid_perplexity": _perplexity(valid_loss)},
+        )
+    )
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, _MAX_LOG_PERPLEXITY))
 
 
 class _PackedRowSampler:
@@ -344,6 +485,8 @@ def _emit_metrics(
     config: FromScratchCausalLMConfig,
     learning_rate: float,
     epoch: float,
+    *,
+    valid_loss: float | None = None,
 ) -> float:
     mean_loss = window.loss_sum.item() / window.steps
     elapsed = max(time.perf_counter() - window.started_at, 1e-9)
@@ -363,14 +506,12 @@ def _emit_metrics(
     }
     if window.report_trained_fraction:
         data["trained_tokens_fraction"] = round(window.trained_tokens / max(window.tokens, 1), 4)
-    callback.on_event(
-        TrainingEvent(
-            level="info",
-            type="metrics",
-            message=f"Step {step:,}/{config.max_steps:,}: training loss {mean_loss:.4f}",
-            data=data,
-        )
-    )
+    message = f"Step {step:,}/{config.max_steps:,}: training loss {mean_loss:.4f}"
+    if valid_loss is not None:
+        data["valid_loss"] = valid_loss
+        data["valid_perplexity"] = _perplexity(valid_loss)
+        message += f", validation loss {valid_loss:.4f}"
+    callback.on_event(TrainingEvent(level="info", type="metrics", message=message, data=data))
     window.reset()
     return mean_loss
 
@@ -385,7 +526,9 @@ def _learning_rate_at(step_index: int, config: FromScratchCausalLMConfig) -> flo
     return minimum + 0.5 * (1.0 + math.cos(math.pi * decay_progress)) * (peak - minimum)
 
 
-def _read_training_text(path: str, *, compressed: bool = False) -> tuple[str, bool]:
+def _read_training_text(
+    path: str, *, compressed: bool = False, param: str = "train_file", label: str = "training file"
+) -> tuple[str, bool]:
     """Return the file's text (at most MAX_TRAINING_TEXT_BYTES of it, decompressed) and whether it was cut short."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pieces: list[str] = []
@@ -405,14 +548,14 @@ def _read_training_text(path: str, *, compressed: bool = False) -> tuple[str, bo
     except UnicodeDecodeError as error:
         raise TrainingDataError(
             "invalid_file_encoding",
-            f"The training file is not valid UTF-8 (bad bytes near byte {bytes_read + error.start:,}).",
-            "train_file",
+            f"The {label} is not valid UTF-8 (bad bytes near byte {bytes_read + error.start:,}).",
+            param,
         ) from error
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise TrainingDataError(
             "invalid_gzip",
-            f"The training file is named .gz but is not a complete gzip file ({error}); compress it again.",
-            "train_file",
+            f"The {label} is named .gz but is not a complete gzip file ({error}); compress it again.",
+            param,
         ) from error
     text = "".join(pieces).replace("\r\n", "\n")
     if truncated and "\n" in text:
@@ -421,9 +564,9 @@ def _read_training_text(path: str, *, compressed: bool = False) -> tuple[str, bo
     return text, truncated
 
 
-def _plain_text_rows(
+def _plain_text_data(
     config: FromScratchCausalLMConfig, callback: TrainingCallback, *, compressed: bool
-) -> TrainingRows:
+) -> TrainingData:
     text, truncated = _read_training_text(config.train_file, compressed=compressed)
     if truncated:
         _warn_truncated_file(callback)
@@ -433,6 +576,17 @@ def _plain_text_rows(
         raise TrainingDataError(
             "empty_training_file", "The training file is empty or holds only whitespace.", "train_file"
         )
+    # Held out before the tokenizer is trained: the validation loss must measure text the run has never seen, and
+    # a tokenizer that had merged the held-out words would have seen it.
+    held_out: list[str] | None = None
+    if config.validation_fraction > 0 and len(documents) >= _MIN_DOCUMENTS_TO_HOLD_OUT:
+        documents, held_out = _hold_out(documents, config, unit="documents")
+    elif config.validation_fraction > 0:
+        # Few documents, typically a file of lines with no blank line between them: hold out lines instead, and
+        # keep the remaining lines in their documents.
+        documents, held_out = _hold_out_lines(documents, config)
+    elif config.validation_file is not None:
+        held_out = _read_validation_documents(config)
 
     tokenizer = train_byte_level_bpe(documents, vocab_size=config.vocab_size, special_tokens=(END_OF_TEXT,))
     tokenizer.model_max_length = config.context_length
@@ -462,16 +616,139 @@ def _plain_text_rows(
         trainable_rows=row_count,
         truncated_file=truncated,
     )
-    return TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_rows, stats=stats)
+    train = TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_rows, stats=stats)
+    if held_out is None:
+        return TrainingData(train=train, validation=None)
+    validation_ids = _encode_documents(tokenizer, held_out, max_tokens=MAX_VALIDATION_ROWS * row_length)
+    validation = _validation_rows(
+        config, tokenizer, validation_ids, validation_ids, task=DatasetTask.CAUSAL_LM, examples=len(held_out)
+    )
+    return TrainingData(train=train, validation=validation)
 
 
-def _example_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback, filename: str) -> TrainingRows:
-    path = config.train_file
+def _read_validation_documents(config: FromScratchCausalLMConfig) -> list[str]:
+    assert config.validation_file is not None
+    filename = config.validation_filename or os.path.basename(config.validation_file)
+    # Cut at MAX_TRAINING_TEXT_BYTES like the training file, without a warning: an evaluation uses only its first
+    # MAX_VALIDATION_ROWS rows anyway.
+    text, _ = _read_training_text(
+        config.validation_file,
+        compressed=filename.strip().lower().endswith(".gz"),
+        param=VALIDATION_FILE_PARAM,
+        label="validation file",
+    )
+    documents = _split_documents(text)
+    if not documents:
+        raise TrainingDataError(
+            TOO_LITTLE_VALIDATION_DATA,
+            "The validation file is empty or holds only whitespace; add held-out text to it or leave it out.",
+            VALIDATION_FILE_PARAM,
+        )
+    return documents
+
+
+def _hold_out_lines(documents: list[str], config: FromScratchCausalLMConfig) -> tuple[list[str], list[str]]:
+    """(training documents, held-out lines): a seeded share of the non-empty lines, the rest left in place."""
+    lines = [
+        (number, line) for number, document in enumerate(documents) for line in document.split("\n") if line.strip()
+    ]
+    kept, held_out = _hold_out(lines, config, unit="lines")
+    by_document: dict[int, list[str]] = {}
+    for number, line in kept:
+        by_document.setdefault(number, []).append(line)
+    return ["\n".join(by_document[number]) for number in sorted(by_document)], [line for _, line in held_out]
+
+
+def _hold_out(items: list[_Item], config: FromScratchCausalLMConfig, *, unit: str) -> tuple[list[_Item], list[_Item]]:
+    """(training items, held-out items), split by `split_indices` seeded with ``config.seed``, each in file order."""
+    train_indices, held_out_indices = split_indices(
+        len(items), validation_fraction=config.validation_fraction, seed=config.seed, stratify=False
+    )
+    if not held_out_indices:
+        raise TrainingDataError(
+            TOO_LITTLE_VALIDATION_DATA,
+            f"validation_fraction holds out whole {unit}, and the training file has only {len(items)}, too few to "
+            f"keep some for training and some for validation. Add more {unit}"
+            + (" (blank lines separate documents)" if unit == "documents" else "")
+            + ", or give a validation_file instead.",
+            VALIDATION_FRACTION_PARAM,
+        )
+    return [items[index] for index in train_indices], [items[index] for index in held_out_indices]
+
+
+def _validation_rows(
+    config: FromScratchCausalLMConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    task: DatasetTask,
+    examples: int,
+    skipped_rows: int = 0,
+    truncated_examples: int = 0,
+) -> TrainingRows:
+    """Pack held-out tokens exactly like the training ones; keep the first MAX_VALIDATION_ROWS rows with a trained
+    target (a row with none adds nothing to the loss)."""
+    from_file = config.validation_file is not None
+    param = VALIDATION_FILE_PARAM if from_file else VALIDATION_FRACTION_PARAM
+    source = "The validation file's" if from_file else "The held-out"
+    advice = "Add more to the validation file" if from_file else "Raise validation_fraction"
+    row_length = config.context_length + 1
+    row_count = input_ids.numel() // row_length
+    if row_count == 0:
+        raise TrainingDataError(
+            TOO_LITTLE_VALIDATION_DATA,
+            f"{source} {examples:,} {'documents' if labels is input_ids else 'examples'} make {input_ids.numel()} "
+            f"tokens, fewer than the {row_length} one validation row needs (context_length + 1). {advice} or lower "
+            "context_length.",
+            param,
+        )
+    packed_rows = input_ids[: row_count * row_length].view(row_count, row_length)
+    packed_labels = packed_rows if labels is input_ids else labels[: row_count * row_length].view(row_count, row_length)
+    trained_per_row = (packed_labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    kept = torch.nonzero(trained_per_row, as_tuple=True)[0][:MAX_VALIDATION_ROWS]
+    if kept.numel() == 0:
+        raise TrainingDataError(
+            TOO_LITTLE_VALIDATION_DATA,
+            f"No token of the validation data is trained (as train_on={config.train_on!r} labels it), so there is "
+            f"no loss to measure. {advice}.",
+            param,
+        )
+    kept_rows = packed_rows[kept]
+    kept_labels = kept_rows if labels is input_ids else packed_labels[kept]
+    trained_tokens = int(trained_per_row[kept].sum())
+    stats = TrainingRowsStats(
+        task=str(task),
+        examples=examples,
+        skipped_rows=skipped_rows,
+        truncated_examples=truncated_examples,
+        sequence_tokens=input_ids.numel(),
+        packed_tokens=kept_rows.numel(),
+        trained_tokens=trained_tokens,
+        masked_tokens=kept.numel() * config.context_length - trained_tokens,
+        trainable_rows=kept.numel(),
+    )
+    return TrainingRows(tokenizer=tokenizer, input_ids=kept_rows, labels=kept_labels, stats=stats)
+
+
+def _detect_examples(path: str, filename: str, *, param: str) -> tuple[DatasetFormat, DatasetTask]:
     try:
         data_format = formats.detect_format(path, filename=filename)
         _, _, task = formats.resolve_columns(path, filename=filename, fmt=data_format, column_mapping=None)
     except formats.UnsupportedFormat as error:
-        raise TrainingDataError(error.code, error.message, TRAINING_FILE_PARAM) from error
+        if param == VALIDATION_FILE_PARAM and error.code == "empty_file":
+            raise TrainingDataError(
+                TOO_LITTLE_VALIDATION_DATA,
+                "The validation file is empty; add held-out examples to it or leave it out.",
+                param,
+            ) from error
+        raise TrainingDataError(error.code, error.message, param) from error
+    return data_format, task
+
+
+def _example_data(config: FromScratchCausalLMConfig, callback: TrainingCallback, filename: str) -> TrainingData:
+    path = config.train_file
+    data_format, task = _detect_examples(path, filename, param=TRAINING_FILE_PARAM)
     if task not in _CAUSAL_TASKS:
         raise TrainingDataError(
             UNSUPPORTED_TASK,
@@ -479,7 +756,38 @@ def _example_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback,
             "comes in a later version. Upload plain text, chat or prompt/completion data for this model.",
             TRAINING_FILE_PARAM,
         )
+    validation_filename = None
+    validation_format = None
+    if config.validation_file is not None:
+        # Checked before the training file is read, so a wrong validation file fails in a moment, not minutes.
+        validation_filename = config.validation_filename or os.path.basename(config.validation_file)
+        validation_format, validation_task = _detect_examples(
+            config.validation_file, validation_filename, param=VALIDATION_FILE_PARAM
+        )
+        if validation_task != task:
+            raise TrainingDataError(
+                VALIDATION_MISMATCH,
+                f"The validation file holds {validation_task} examples but the training file holds {task} examples; "
+                "the validation data must be of the same kind.",
+                VALIDATION_FILE_PARAM,
+            )
     examples, skipped_rows, truncated_file = _read_examples(path, filename, data_format, callback)
+    # Held out before the tokenizer is trained, as for plain text.
+    held_out: list[Example] | None = None
+    validation_skipped = 0
+    if config.validation_fraction > 0:
+        examples, held_out = _hold_out(examples, config, unit="examples")
+    elif config.validation_file is not None:
+        assert validation_filename is not None and validation_format is not None
+        held_out, validation_skipped, _ = _read_examples(
+            config.validation_file,
+            validation_filename,
+            validation_format,
+            callback,
+            param=VALIDATION_FILE_PARAM,
+            label="validation file",
+            too_little_code=TOO_LITTLE_VALIDATION_DATA,
+        )
 
     tokenizer = train_byte_level_bpe(
         (example_text(example) for example in examples), vocab_size=config.vocab_size, special_tokens=(END_OF_TEXT,)
@@ -546,11 +854,36 @@ def _example_rows(config: FromScratchCausalLMConfig, callback: TrainingCallback,
         cache_hit=cache_hit,
         truncated_file=truncated_file,
     )
-    return TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_labels, stats=stats)
+    train = TrainingRows(tokenizer=tokenizer, input_ids=packed_rows, labels=packed_labels, stats=stats)
+    if held_out is None:
+        return TrainingData(train=train, validation=None)
+    # The same tokenize_batch, template and train_on as the training side: the validation loss covers the same kind
+    # of positions the training loss does.
+    validation_ids, validation_labels, validation_truncated = _tokenize_in_memory(
+        config, held_out, tokenizer, max_trainable_rows=MAX_VALIDATION_ROWS
+    )
+    validation = _validation_rows(
+        config,
+        tokenizer,
+        validation_ids,
+        validation_labels,
+        task=task,
+        examples=len(held_out),
+        skipped_rows=validation_skipped,
+        truncated_examples=validation_truncated,
+    )
+    return TrainingData(train=train, validation=validation)
 
 
 def _read_examples(
-    path: str, filename: str, data_format: DatasetFormat, callback: TrainingCallback
+    path: str,
+    filename: str,
+    data_format: DatasetFormat,
+    callback: TrainingCallback,
+    *,
+    param: str = TRAINING_FILE_PARAM,
+    label: str = "training file",
+    too_little_code: str = TOO_LITTLE_DATA,
 ) -> tuple[list[Example], int, bool]:
     """The file's examples (up to MAX_TRAINING_TEXT_BYTES of their text), the rows skipped, and whether it was cut."""
     examples: list[Example] = []
@@ -563,7 +896,7 @@ def _read_examples(
                 if isinstance(item, RowError):
                     if item.line == 0:
                         # A whole-file problem (a damaged gzip stream, too many rows): the rest is unreadable.
-                        raise TrainingDataError(item.code, item.message, TRAINING_FILE_PARAM)
+                        raise TrainingDataError(item.code, item.message, param)
                     skipped.append(item)
                     continue
                 examples.append(item)
@@ -572,31 +905,39 @@ def _read_examples(
                     truncated = True
                     break
     except formats.UnsupportedFormat as error:
-        raise TrainingDataError(error.code, error.message, TRAINING_FILE_PARAM) from error
-    if truncated:
+        raise TrainingDataError(error.code, error.message, param) from error
+    # A validation file is cut without a warning: an evaluation uses only its first MAX_VALIDATION_ROWS rows.
+    if truncated and param == TRAINING_FILE_PARAM:
         _warn_truncated_file(callback)
     if skipped:
         first = skipped[0]
         callback.on_event(
             TrainingEvent(
                 level="warning",
-                message=f"{len(skipped):,} rows of the training file could not be read and were skipped "
+                message=f"{len(skipped):,} rows of the {label} could not be read and were skipped "
                 f"(first: {first.message})",
                 data={"skipped_rows": len(skipped), "first_error": first.to_dict()},
             )
         )
     if not examples:
         reason = f" The first problem: {skipped[0].message}" if skipped else ""
-        raise TrainingDataError(
-            TOO_LITTLE_DATA, f"The training file has no valid example to train on.{reason}", TRAINING_FILE_PARAM
-        )
+        purpose = "train on" if param == TRAINING_FILE_PARAM else "measure a validation loss on"
+        raise TrainingDataError(too_little_code, f"The {label} has no valid example to {purpose}.{reason}", param)
     return examples, len(skipped), truncated
 
 
 def _tokenize_in_memory(
-    config: FromScratchCausalLMConfig, examples: Sequence[Example], tokenizer: PreTrainedTokenizerFast
+    config: FromScratchCausalLMConfig,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    max_trainable_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All examples' input ids and labels end to end, and how many examples were truncated."""
+    """All examples' input ids and labels end to end, and how many examples were truncated.
+
+    With ``max_trainable_rows``, stops after the batch that completes that many packed rows with a trained target.
+    """
+    row_length = config.context_length + 1
     input_ids: list[int] = []
     labels: list[int] = []
     truncated = 0
@@ -607,11 +948,16 @@ def _tokenize_in_memory(
             tokenizer,
             template=config.chat_template,
             train_on=config.train_on,
-            max_length=config.context_length + 1,
+            max_length=row_length,
         ):
             input_ids += item.input_ids
             labels += item.labels
             truncated += item.truncated
+        if max_trainable_rows is not None and len(labels) >= max_trainable_rows * row_length:
+            row_count = len(labels) // row_length
+            packed = torch.tensor(labels[: row_count * row_length], dtype=torch.long).view(row_count, row_length)
+            if int((packed[:, 1:] != IGNORE_INDEX).any(dim=1).sum()) >= max_trainable_rows:
+                break
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated
 
 
@@ -631,7 +977,7 @@ def _tokenize_through_cache(
     assert config.tokenized_cache_dir is not None
     max_length = config.context_length + 1
     key = tokenized_cache.cache_key(
-        dataset_sha256=_file_sha256(config.train_file),
+        dataset_sha256=_training_examples_fingerprint(config),
         tokenizer_fingerprint=tokenized_cache.tokenizer_fingerprint(tokenizer),
         template=config.chat_template,
         train_on=config.train_on,
@@ -660,6 +1006,19 @@ def _tokenize_through_cache(
     return key, hit, flat("input_ids"), flat("labels"), truncated
 
 
+def _training_examples_fingerprint(config: FromScratchCausalLMConfig) -> str:
+    """The sha256 of the training file, or, when a share is held out, of the file and the split that picks it."""
+    file_sha256 = _file_sha256(config.train_file)
+    if config.validation_fraction == 0:
+        return file_sha256
+    # Another fraction or seed trains on other examples: they must not find each other's cached rows.
+    split = json.dumps(
+        {"file_sha256": file_sha256, "validation_fraction": config.validation_fraction, "seed": config.seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(split.encode("utf-8")).hexdigest()
+
+
 def _file_sha256(path: str) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -680,15 +1039,23 @@ def _split_documents(text: str) -> list[str]:
     return [document.strip() for document in _DOCUMENT_SEPARATOR.split(text) if document.strip()]
 
 
-def _encode_documents(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Tensor:
+def _encode_documents(
+    tokenizer: PreTrainedTokenizerFast, documents: list[str], *, max_tokens: int | None = None
+) -> torch.Tensor:
+    """The documents' token ids end to end, each followed by end-of-text; with ``max_tokens``, stops after the batch
+    that reaches it."""
     end_of_text_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     backend = tokenizer.backend_tokenizer
     pieces: list[torch.Tensor] = []
+    token_count = 0
     for start in range(0, len(documents), _DOCUMENTS_PER_ENCODE_BATCH):
         batch = documents[start : start + _DOCUMENTS_PER_ENCODE_BATCH]
         # encode_batch_fast skips offsets, which training never needs and which cost memory on large files.
         for encoding in backend.encode_batch_fast(batch, add_special_tokens=False):
             pieces.append(torch.tensor([*encoding.ids, end_of_text_id], dtype=torch.long))
+            token_count += pieces[-1].numel()
+        if max_tokens is not None and token_count >= max_tokens:
+            break
     return torch.cat(pieces)
 
 

@@ -26,7 +26,7 @@ class JobListCreateView(TenantAPIView):
     model = FineTuningJob
 
     def scoped_queryset(self):
-        return FineTuningJob.objects.select_related("training_file", "tenant")
+        return FineTuningJob.objects.select_related("training_file", "validation_file", "tenant")
 
     def get(self, request):
         return Response(cursor_page(self.get_queryset(), query_params=request.query_params, to_json=job_to_json))
@@ -41,6 +41,13 @@ class JobListCreateView(TenantAPIView):
             raise ApiError(
                 f"No such file: {training_file_id}.", code="not_found", param="training_file", status_code=404
             )
+        validation_file = None
+        if validation_file_id := _require_string(data, "validation_file", required=False):
+            validation_file = file_get(tenant=self.tenant, public_id=validation_file_id)
+            if validation_file is None:
+                raise ApiError(
+                    f"No such file: {validation_file_id}.", code="not_found", param="validation_file", status_code=404
+                )
         hyperparameters = data.get("hyperparameters") or {}
         if not isinstance(hyperparameters, dict):
             raise ApiError("'hyperparameters' must be an object.", param="hyperparameters")
@@ -55,6 +62,7 @@ class JobListCreateView(TenantAPIView):
             model=model,
             hyperparameters=hyperparameters,
             suffix=_require_string(data, "suffix", required=False),
+            validation_file=validation_file,
         )
         return Response(job_to_json(job))
 
@@ -63,7 +71,7 @@ class JobDetailView(TenantAPIView):
     model = FineTuningJob
 
     def scoped_queryset(self):
-        return FineTuningJob.objects.select_related("training_file", "tenant")
+        return FineTuningJob.objects.select_related("training_file", "validation_file", "tenant")
 
     def get(self, request, public_id):
         return Response(job_to_json(self.get_object()))

@@ -218,3 +218,55 @@ def test_chat_file_trains_with_the_previewed_labels(celery_workers, tenant_a, sa
         format="json",
     )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "hyperparameters.tokenized_cache_dir"
+
+
+def test_jobs_report_validation_loss_from_a_file_or_a_seeded_split(celery_workers, tenant_a, samples):
+    client = tenant_a.api()
+    lines = samples["prompt_completion.jsonl"].read_bytes().splitlines(keepends=True)
+    train = validated(client, upload(client, b"".join(lines[8:]), "pc-train.jsonl")["id"])
+    held_out = validated(client, upload(client, b"".join(lines[:12]), "pc-valid.jsonl")["id"])
+    corpus = validated(client, upload(client, samples["corpus.txt"].read_bytes(), "corpus.txt")["id"])
+    with_file = client.post(
+        "/v1/fine_tuning/jobs",
+        {
+            "model": "gpt2-tiny",
+            "training_file": train["id"],
+            "validation_file": held_out["id"],
+            "hyperparameters": {"max_steps": 20, "eval_every_steps": 10},
+        },
+        format="json",
+    ).json()
+    assert with_file["validation_file"] == held_out["id"]
+    with_split = client.post(
+        "/v1/fine_tuning/jobs",
+        {
+            "model": "gpt2-tiny",
+            "training_file": corpus["id"],
+            "hyperparameters": {"max_steps": 20, "validation_fraction": 0.2},
+        },
+        format="json",
+    ).json()
+    for job in (with_file, with_split):
+        done = wait_for(
+            client, f"/v1/fine_tuning/jobs/{job['id']}", lambda j: j["status"] in {"succeeded", "failed"}, timeout=180
+        )
+        assert done["status"] == "succeeded", done["error"]
+        assert done["progress"]["train_loss"] is not None
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", {"limit": 100}).json()["data"]
+        valid = [
+            event["data"]["valid_loss"]
+            for event in events
+            if event["type"] == "metrics" and event["data"].get("valid_loss") is not None
+        ]
+        assert valid and all(loss > 0 for loss in valid)
+    both = client.post(
+        "/v1/fine_tuning/jobs",
+        {
+            "model": "gpt2-tiny",
+            "training_file": train["id"],
+            "validation_file": held_out["id"],
+            "hyperparameters": {"validation_fraction": 0.1},
+        },
+        format="json",
+    )
+    assert both.status_code == 400 and both.json()["error"]["param"] == "hyperparameters.validation_fraction"
