@@ -204,7 +204,8 @@ def _enqueue(job: FineTuningJob, *, actor: str) -> None:
 def jobs_advance_after_file_validation(*, file: File) -> None:
     """Queues the jobs whose files are now all checked, and fails those with an unusable file."""
     waiting = (
-        FineTuningJob.objects.select_for_update()
+        # of=("self",): PostgreSQL cannot lock the nullable side of the outer join that select_related makes.
+        FineTuningJob.objects.select_for_update(of=("self",))
         .select_related("training_file", "validation_file")
         .filter(Q(training_file=file) | Q(validation_file=file), status=JobStatus.VALIDATING_FILES)
     )
