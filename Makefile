@@ -12,9 +12,13 @@ DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: up test lint install install-dev browser migrate clean
 
+# Debian and Ubuntu ship `venv` separately (python3.11-venv); as root it is installed here, otherwise we say how.
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Tunehouse needs Python 3.11, found " + sys.version.split()[0]'
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && (apt-get install -y -qq python3.11-venv || apt-get install -y -qq python3-venv) && $(PYTHON) -m venv $(VENV); \
+	  else echo "Python's venv module is missing: run 'sudo apt-get install python3.11-venv' once." >&2; exit 1; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(RUNTIME_STAMP): requirements.txt pyproject.toml | $(BIN)/python
