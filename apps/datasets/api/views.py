@@ -11,7 +11,7 @@ from apps.core.storage import object_store
 from apps.core.streaming import stream_download
 
 from ..models import File, Tokenizer
-from ..selectors import tokenizer_get
+from ..selectors import file_get, tokenizer_get
 from ..services import (
     READ_CHUNK_BYTES,
     file_delete,
@@ -154,7 +154,7 @@ class FileValidateView(TenantAPIView):
         max_length = _int_param(request.data.get("max_length"), "max_length", 1024)
         validation_file = None
         if validation_id := request.data.get("validation_file"):
-            validation_file = File.objects.for_tenant(self.tenant).filter(public_id=str(validation_id)).first()
+            validation_file = file_get(tenant=self.tenant, public_id=str(validation_id))
             if validation_file is None:
                 raise ApiError(
                     f"No such file: {validation_id}.", code="not_found", param="validation_file", status_code=404
@@ -201,7 +201,7 @@ class TokenizerListCreateView(TenantAPIView):
         file_id = data.get("training_file")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError("Missing required parameter: 'training_file'.", param="training_file")
-        training_file = File.objects.for_tenant(self.tenant).filter(public_id=file_id).first()
+        training_file = file_get(tenant=self.tenant, public_id=file_id)
         if training_file is None:
             raise ApiError(f"No such file: {file_id}.", code="not_found", param="training_file", status_code=404)
         special_tokens = data.get("special_tokens") or []
