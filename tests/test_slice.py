@@ -11,7 +11,7 @@ from tests.polling import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SMALL_RUN = {"max_steps": 30, "log_every_steps": 5, "batch_size": 8, "context_length": 32}
+SMALL_RUN = {"max_steps": 30, "log_every_steps": 5, "batch_size": 8, "max_length": 32}
 
 
 def _upload(client, content: bytes, name: str = "corpus.txt") -> dict:

@@ -291,7 +291,26 @@ def probe_ws_tenant_events(w):
     async_to_sync(run)()
 
 
+def probe_model_list(w):
+    # The catalog is shared by every tenant; it never lists a tenant's fine-tuned models or files.
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/models")
+        assert response.status_code == 200 and any(m["id"] == "gpt2-tiny" for m in response.json()["data"])
+        _assert_no_leak(response, w)
+    assert Client().get("/v1/models").status_code == 401
+
+
+def probe_model_detail(w):
+    response = w["api_b"].get("/v1/models/gpt2-tiny")
+    assert response.status_code == 200
+    _assert_no_leak(response, w)
+    # A's fine-tuned model name is not a catalog entry for B (nor for A: fine-tuned models are jobs' results).
+    _assert_not_found(w["api_b"].get(f"/v1/models/{w['job'].public_id}"))
+
+
 HTTP_PROBES = {
+    "api:model-list": probe_model_list,
+    "api:model-detail": probe_model_detail,
     "healthz": probe_healthz,
     "api:file-list": probe_file_list,
     "api:file-detail": probe_file_detail,

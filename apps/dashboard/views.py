@@ -11,17 +11,17 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from apps.catalog.selectors import catalog_list
 from apps.core.csv_export import csv_text
 from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
 from apps.datasets.services import PREVIEW_MAX_EXAMPLES
-from apps.jobs.catalog import CATALOG
-from apps.jobs.selectors import files_trainable_from_scratch, job_get, job_list
+from apps.jobs.selectors import files_trainable, job_get, job_list
 from apps.jobs.serialization import job_to_json
 from apps.tenancy.context import SESSION_TENANT_KEY
 from apps.tenancy.models import ApiKey
 from apps.tenancy.selectors import api_keys_for_tenant, membership_get
 from apps.tenancy.services import api_key_create, api_key_revoke, user_sign_up
-from workers.ml.config import FromScratchCausalLMConfig
+from workers.ml.config import TrainingConfig
 from workers.ml.data.templates import CHAT_TEMPLATES
 from workers.ml.tokenizer_training import TOKENIZER_ALGORITHMS
 
@@ -86,9 +86,10 @@ def switch_tenant(request):
 
 def _hyperparameter_fields() -> list[dict]:
     """The tunable fields of the training config with their defaults, for the new-job form."""
-    defaults = FromScratchCausalLMConfig(train_file="-", output_dir="-")
-    shown = ["max_steps", "batch_size", "learning_rate", "context_length", "n_layer", "n_embd", "vocab_size", "seed"]
-    return [{"name": name, "default": getattr(defaults, name)} for name in shown]
+    defaults = TrainingConfig(train_file="-", output_dir="-")
+    # learning_rate is left blank: its default depends on the mode (from scratch, full or LoRA).
+    shown = ["n_epochs", "max_steps", "batch_size", "learning_rate", "max_length", "vocab_size", "seed"]
+    return [{"name": name, "default": "" if name == "learning_rate" else getattr(defaults, name)} for name in shown]
 
 
 @login_required
@@ -99,9 +100,9 @@ def home(request):
         "dashboard/home.html",
         {
             "files": file_list(tenant=context.tenant)[:50],
-            "trainable_files": files_trainable_from_scratch(tenant=context.tenant)[:50],
+            "trainable_files": files_trainable(tenant=context.tenant)[:50],
             "jobs": job_list(tenant=context.tenant)[:50],
-            "catalog": CATALOG.values(),
+            "catalog": [entry for entry in catalog_list() if entry.status == "ready"],
             "hyperparameters": _hyperparameter_fields(),
         },
     )

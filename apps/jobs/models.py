@@ -57,6 +57,8 @@ class FineTuningJob(TenantOwnedModel):
     fine_tuned_model = models.CharField(max_length=200, blank=True, default="")
     model_storage_prefix = models.CharField(max_length=300, blank=True, default="")
     trained_tokens = models.BigIntegerField(null=True, blank=True)
+    # The final evaluation (validation loss, accuracy/F1, BLEU...) and training loss of a succeeded job.
+    metrics = models.JSONField(null=True, blank=True)
     # Latest progress, kept on the row so lists and pages render without scanning the event log.
     steps_completed = models.IntegerField(default=0)
     total_steps = models.IntegerField(default=0)

@@ -3,7 +3,6 @@ from django.db.models import Q, QuerySet
 from apps.datasets.models import File
 from apps.tenancy.models import Tenant
 
-from .catalog import FROM_SCRATCH_FORMATS, FROM_SCRATCH_TASKS
 from .models import FineTuningJob, JobEvent
 
 
@@ -40,9 +39,7 @@ def file_is_used_by_jobs(*, tenant: Tenant, file: File) -> bool:
     return FineTuningJob.objects.for_tenant(tenant).filter(Q(training_file=file) | Q(validation_file=file)).exists()
 
 
-def files_trainable_from_scratch(*, tenant: Tenant) -> QuerySet[File]:
-    """Files a from-scratch job can use: still being checked, or checked and in a format the trainer reads."""
+def files_trainable(*, tenant: Tenant) -> QuerySet[File]:
+    """Files a job can use: still being checked, or checked and holding examples of a task the engine trains."""
     files = File.objects.for_tenant(tenant)
-    return files.filter(status="uploaded") | files.filter(
-        status="processed", format__in=FROM_SCRATCH_FORMATS, task__in=FROM_SCRATCH_TASKS
-    )
+    return files.filter(status__in=("uploaded", "processed")).exclude(status="processed", task="")

@@ -35,6 +35,7 @@ def job_to_json(job: FineTuningJob) -> dict:
         "training_file": job.training_file.public_id,
         "hyperparameters": job.hyperparameters,
         "trained_tokens": job.trained_tokens,
+        "metrics": job.metrics,
         "error": job.error,
         "seed": job.seed,
         "estimated_finish": None,

@@ -5,7 +5,6 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from django.conf import settings
@@ -14,19 +13,31 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from apps.catalog.models import CatalogModel
+from apps.catalog.selectors import catalog_entry_ready, catalog_get, catalog_list, catalog_training_base
 from apps.core.api.errors import ApiError
 from apps.core.storage import local_copy_of_prefix, object_store, tenant_key
 from apps.datasets.models import File, FileStatus
 from apps.datasets.services import file_local_path
 from apps.tenancy.models import Tenant
 from workers.ml.callbacks import TrainingEvent
-from workers.ml.config import FromScratchCausalLMConfig
+from workers.ml.config import TrainingConfig
+from workers.ml.data.examples import DatasetTask
+from workers.ml.data.training_sets import engine_task_of
+from workers.ml.engine import run_training
 from workers.ml.errors import TrainingDataError
 from workers.ml.generate import GenerationResult, generate_text
-from workers.ml.train import train_causal_lm_from_scratch
 
-from .catalog import CATALOG, FROM_SCRATCH_FORMATS, FROM_SCRATCH_TASKS
-from .models import EventLevel, EventType, FineTuningJob, JobEvent, JobPhase, JobStatus, JobStatusChange
+from .models import (
+    FINISHED_STATUSES,
+    EventLevel,
+    EventType,
+    FineTuningJob,
+    JobEvent,
+    JobPhase,
+    JobStatus,
+    JobStatusChange,
+)
 from .realtime import publish_job_event, publish_job_update
 from .serialization import event_to_json, job_to_json
 
@@ -42,6 +53,12 @@ _PLATFORM_OWNED_FIELDS = {
     "tokenized_cache_dir",
     "validation_file",  # given as the job's validation_file (a file id), not a path
     "validation_filename",
+    "checkpoint_dir",
+    "column_mapping",  # the training file's own column mapping
+    "base_model",  # the job's `model` (a catalog id) decides these three
+    "architecture",
+    "model_size",
+    "tokenizer",
 }
 # How often a running executor re-reads its row to notice a cancel or a newer attempt (fencing).
 _CONTROL_POLL_SECONDS = 1.0
@@ -81,44 +98,92 @@ def job_event_record(
     return event
 
 
-def resolve_hyperparameters(hyperparameters: dict | None) -> dict:
-    """Validates user hyperparameters against the training config and returns the full, explicit set used."""
+def resolve_hyperparameters(hyperparameters: dict | None, *, entry: CatalogModel, task: str | None = None) -> dict:
+    """Validates user hyperparameters against the training config and returns the full, explicit set used.
+
+    ``task`` is the training file's task when it is already known; otherwise the job's own ``task`` hyperparameter
+    or the entry's first task stands in until the file is checked (`training_data_problem` checks it again then).
+    """
     hyperparameters = dict(hyperparameters or {})
     for name in hyperparameters:
         if name in _PLATFORM_OWNED_FIELDS:
             raise ApiError(f"'{name}' is set by the platform, not by the job.", param=f"hyperparameters.{name}")
+    mode = hyperparameters.pop("mode", None)
+    if mode is not None and not isinstance(mode, str):
+        raise ApiError("hyperparameters.mode must be a string.", param="hyperparameters.mode")
+    base = catalog_training_base(entry, mode=mode)
+    if entry.kind == "pretrained" and base["mode"] == "from_scratch":
+        raise ApiError(
+            f"{entry.model_id} is a pretrained model: fine-tune it with mode full, lora or qlora, or pick an "
+            "architecture entry (such as gpt2-tiny) to train from scratch.",
+            param="hyperparameters.mode",
+        )
+    if entry.kind == "architecture" and mode not in (None, "from_scratch"):
+        raise ApiError(
+            f"{entry.model_id} is an architecture trained from scratch; it has no weights to fine-tune with {mode}.",
+            param="hyperparameters.mode",
+        )
+    candidate = {"task": task or hyperparameters.get("task") or entry.tasks[0], **hyperparameters}
+    if task is not None:
+        candidate["task"] = task
     try:
-        config = FromScratchCausalLMConfig.from_dict({**hyperparameters, "train_file": "-", "output_dir": "-"})
+        config = TrainingConfig.from_dict({**candidate, **base, "train_file": "-", "output_dir": "-"})
     except TrainingDataError as exc:
         raise ApiError(exc.message, code=exc.code, param=f"hyperparameters.{exc.param}" if exc.param else None) from exc
-    resolved = asdict(config)
+    resolved = config.to_dict()
     for name in _PLATFORM_OWNED_FIELDS:
         resolved.pop(name, None)
+    if "task" not in hyperparameters and task is None:
+        # Not decided yet: the training file's task, once it is checked, decides it.
+        resolved.pop("task")
     return resolved
 
 
-def validate_base_model(model: str) -> None:
-    if model not in CATALOG:
+def validate_base_model(model: str) -> CatalogModel:
+    entry = catalog_get(model_id=model)
+    if entry is None:
+        available = ", ".join(entry.model_id for entry in catalog_list())
         raise ApiError(
-            f"The model '{model}' does not exist or you do not have access to it. Available: {', '.join(CATALOG)}.",
+            f"The model '{model}' does not exist or you do not have access to it. Available: {available}.",
             code="model_not_found",
             param="model",
         )
+    if not catalog_entry_ready(entry):
+        raise ApiError(
+            f"The model '{model}' is in the catalog but its weights are not on this server yet; an operator runs "
+            "`manage.py prepare_catalog` once to convert them.",
+            code="model_not_ready",
+            param="model",
+        )
+    return entry
 
 
-def training_data_problem(file: File, model: str) -> str | None:
-    """Why this model cannot train on this file yet, or None. The from-scratch trainer reads plain text and chat or
-    prompt/completion JSONL; classification and seq2seq training arrive with the training engine (Step 3)."""
-    if CATALOG[model].from_scratch and (file.format not in FROM_SCRATCH_FORMATS or file.task not in FROM_SCRATCH_TASKS):
+def file_engine_task(file: File) -> str | None:
+    """The engine task a checked file trains (causal_lm, classification, seq2seq); None while unknown."""
+    if not file.task:
+        return None
+    return engine_task_of(DatasetTask(file.task))
+
+
+def training_data_problem(file: File, entry: CatalogModel, hyperparameters: dict) -> str | None:
+    """Why this model cannot train on this file, or None."""
+    task = file_engine_task(file)
+    if task is None:
+        return f"{file.public_id} holds no data a model can be trained on."
+    wanted = hyperparameters.get("task")
+    if wanted is not None and wanted != task:
+        return f"The job asks for {wanted} but {file.public_id} holds {file.task} data, which trains {task}."
+    if task not in entry.tasks:
         return (
-            f"{model} trains on plain text, chat or prompt/completion data for now; {file.public_id} is "
-            f"{file.format or 'an unknown format'} ({file.task or 'unknown task'}). "
-            "Training on that is not available yet."
+            f"{entry.model_id} cannot be trained for {task} ({file.public_id} holds {file.task} data); it does "
+            f"{', '.join(entry.tasks)}. Pick a model for {task} in the catalog."
         )
     return None
 
 
-def _files_verdict(job_files: list[tuple[File, str]], model: str) -> tuple[str, dict | None]:
+def _files_verdict(
+    job_files: list[tuple[File, str]], entry: CatalogModel, hyperparameters: dict
+) -> tuple[str, dict | None]:
     """("ready" | "waiting" | "failed", error) for a job's files: all checked and usable, some still being
     checked, or one unusable (with the OpenAI-shaped error naming which parameter)."""
     waiting = False
@@ -128,7 +193,7 @@ def _files_verdict(job_files: list[tuple[File, str]], model: str) -> tuple[str, 
             return "failed", {"code": f"invalid_{param}", "message": message, "param": param}
         if file.status == FileStatus.UPLOADED:
             waiting = True
-        elif problem := training_data_problem(file, model):
+        elif problem := training_data_problem(file, entry, hyperparameters):
             return "failed", {"code": "unsupported_training_data", "message": problem, "param": param}
     return ("waiting" if waiting else "ready"), None
 
@@ -151,7 +216,7 @@ def job_create(
     suffix: str = "",
     validation_file: File | None = None,
 ) -> FineTuningJob:
-    validate_base_model(model)
+    entry = validate_base_model(model)
     job_files = [(training_file, "training_file")] + ([(validation_file, "validation_file")] if validation_file else [])
     for file, param in job_files:
         if file.tenant_id != tenant.pk:
@@ -161,10 +226,10 @@ def job_create(
     # Lock the file rows and read their status afresh: validation records its result under the same lock, so either
     # it sees this job waiting, or this job sees the result. Without it a job could wait forever.
     job_files = [(File.objects.select_for_update().get(pk=file.pk), param) for file, param in job_files]
-    verdict, error = _files_verdict(job_files, model)
+    resolved = resolve_hyperparameters(hyperparameters, entry=entry, task=file_engine_task(job_files[0][0]))
+    verdict, error = _files_verdict(job_files, entry, resolved)
     if verdict == "failed":
         raise ApiError(error["message"], code=error["code"], param=error["param"])
-    resolved = resolve_hyperparameters(hyperparameters)
     if validation_file is not None and resolved.get("validation_fraction"):
         raise ApiError(
             "Give either a validation_file or hyperparameters.validation_fraction, not both.",
@@ -178,6 +243,7 @@ def job_create(
         hyperparameters=resolved,
         suffix=(suffix or "")[:64],
         seed=resolved.get("seed", 0),
+        # Known once the data is tokenized (epochs x batches) unless max_steps fixes it; the first metrics say it.
         total_steps=resolved["max_steps"],
         created_by=user,
     )
@@ -210,7 +276,14 @@ def jobs_advance_after_file_validation(*, file: File) -> None:
         .filter(Q(training_file=file) | Q(validation_file=file), status=JobStatus.VALIDATING_FILES)
     )
     for job in waiting:
-        verdict, error = _files_verdict(_job_files(job), job.model)
+        entry = catalog_get(model_id=job.model)
+        if entry is None:
+            verdict, error = (
+                "failed",
+                {"code": "model_not_found", "message": f"{job.model} left the catalog.", "param": "model"},
+            )
+        else:
+            verdict, error = _files_verdict(_job_files(job), entry, job.hyperparameters)
         if verdict == "ready":
             _enqueue(job, actor=SYSTEM_ACTOR)
         elif verdict == "failed":
@@ -331,6 +404,40 @@ def _validation_config(job: FineTuningJob) -> dict:
     }
 
 
+def _training_config(job: FineTuningJob, *, train_path: Path, work_dir: Path) -> dict:
+    entry = catalog_get(model_id=job.model)
+    if entry is None:
+        raise TrainingDataError("model_not_found", f"The model {job.model} is no longer in the catalog.", "model")
+    hyperparameters = dict(job.hyperparameters)
+    mode = hyperparameters.pop("mode", None)
+    config = {
+        "task": file_engine_task(job.training_file),
+        **hyperparameters,
+        **catalog_training_base(entry, mode=mode),
+        "train_file": str(train_path),
+        "train_filename": job.training_file.filename,
+        "tokenized_cache_dir": str(Path(settings.WORK_DIR) / "tokenized"),
+        "output_dir": str(work_dir / "model"),
+        # Per job, not per attempt: a redelivered or restarted job finds the checkpoints of the attempt before it.
+        "checkpoint_dir": str(_checkpoint_dir(job)),
+        **_validation_config(job),
+    }
+    if job.training_file.column_mapping:
+        config["column_mapping"] = {key: value for key, value in job.training_file.column_mapping.items() if value}
+    return config
+
+
+def _checkpoint_dir(job: FineTuningJob) -> Path:
+    return Path(settings.WORK_DIR) / "jobs" / job.public_id / "checkpoints"
+
+
+def _final_metrics(result) -> dict:
+    scalars = {name: value for name, value in result.final_metrics.items() if isinstance(value, int | float)}
+    scalars["train_loss"] = result.final_train_loss
+    scalars["steps"] = result.steps_completed
+    return {name: value for name, value in scalars.items() if value == value}  # NaN is not JSON
+
+
 def job_run(*, job_id: int) -> None:
     """Runs one training attempt for the job: download the data, train, store the model, record the outcome."""
     job = _claim(job_id)
@@ -346,17 +453,8 @@ def job_run(*, job_id: int) -> None:
         # The shared local copy keeps the upload's suffix; the original name tells the trainer the format.
         train_path = file_local_path(job.training_file)
         FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
-        config = FromScratchCausalLMConfig.from_dict(
-            {
-                **job.hyperparameters,
-                "train_file": str(train_path),
-                "train_filename": job.training_file.filename,
-                "tokenized_cache_dir": str(Path(settings.WORK_DIR) / "tokenized"),
-                "output_dir": str(work_dir / "model"),
-                **_validation_config(job),
-            }
-        )
-        result = train_causal_lm_from_scratch(config, progress)
+        config = TrainingConfig.from_dict(_training_config(job, train_path=train_path, work_dir=work_dir))
+        result = run_training(config, progress)
         if progress.stop_reason == "fenced":
             logger.warning("job %s attempt %s: superseded by a newer attempt, stopping", job.public_id, attempt)
             return
@@ -378,6 +476,7 @@ def job_run(*, job_id: int) -> None:
             model_storage_prefix=prefix,
             fine_tuned_model=fine_tuned_model,
             trained_tokens=result.train_tokens,
+            metrics=_final_metrics(result),
         ):
             job_event_record(job=job, message=f"New fine-tuned model created: {fine_tuned_model}")
             job_event_record(job=job, message="The job has successfully completed")
@@ -396,6 +495,9 @@ def job_run(*, job_id: int) -> None:
             job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        # Checkpoints serve a resumed attempt; once the job has an outcome they are of no further use here.
+        if FineTuningJob.objects.filter(pk=job.pk, status__in=FINISHED_STATUSES).exists():
+            shutil.rmtree(_checkpoint_dir(job), ignore_errors=True)
 
 
 def _local_model_dir(job: FineTuningJob) -> Path:
@@ -416,6 +518,12 @@ def job_generate(
         raise ApiError("max_tokens must be between 1 and 512.", param="max_tokens")
     if not 0 <= temperature <= 2:
         raise ApiError("temperature must be between 0 and 2.", param="temperature")
+    if (job.hyperparameters.get("task") or file_engine_task(job.training_file)) != "causal_lm":
+        raise ApiError(
+            f"Job {job.public_id} trained a {job.hyperparameters.get('task') or file_engine_task(job.training_file)} "
+            "model, which does not generate text.",
+            code="not_a_generative_model",
+        )
     if len(prompt) > 4000:
         raise ApiError("The prompt is too long: keep it under 4000 characters.", param="prompt")
     return generate_text(

@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "apps.core",
     "apps.tenancy",
     "apps.datasets",
+    "apps.catalog",
     "apps.jobs",
     "apps.dashboard",
 ]
@@ -122,6 +123,9 @@ S3_REGION = env.str("S3_REGION", default="us-east-1")
 
 # Where workers unpack models and data they are working on; safe to delete.
 WORK_DIR = Path(env.str("TUNEHOUSE_WORK_DIR", default=str(DATA_DIR / "work")))
+# Pretrained base models as plain safetensors folders (converted once from their wheels by `prepare_catalog`). Kept
+# outside DATA_DIR by default so test sessions, which each get a fresh DATA_DIR, share one conversion.
+MODEL_CACHE_DIR = Path(env.str("TUNEHOUSE_MODEL_CACHE_DIR", default=str(BASE_DIR / "var" / "model-cache")))
 
 MAX_UPLOAD_BYTES = env.int("MAX_UPLOAD_BYTES", default=512 * 1024 * 1024)
 # A gzip'd upload is decompressed as a stream; past this many bytes it is refused (a gzip bomb stops here).

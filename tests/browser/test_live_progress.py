@@ -91,8 +91,8 @@ def test_job_page_shows_live_progress_without_reloading(
         # 3. New training job from that file, long enough to watch.
         page.get_by_label("Training file").select_option(file_id)
         page.get_by_label("max_steps", exact=True).fill(str(MAX_STEPS))
-        page.get_by_label("context_length", exact=True).fill(str(CONTEXT_LENGTH))
-        page.get_by_role("button", name="Train from scratch", exact=True).click()
+        page.get_by_label("max_length", exact=True).fill(str(CONTEXT_LENGTH))
+        page.get_by_role("button", name="Start training", exact=True).click()
         page.wait_for_url(re.compile(r"/jobs/[^/]+/$"))
         job_url = page.url
         page.evaluate("() => { window.__marker = 1; }")

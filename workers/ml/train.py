@@ -40,7 +40,7 @@ import torch.nn.functional as functional
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workers.ml.callbacks import JsonLinesCallback, NullCallback, TrainingCallback, TrainingEvent
-from workers.ml.config import INVALID_HYPERPARAMETER, FromScratchCausalLMConfig
+from workers.ml.config import INVALID_HYPERPARAMETER, FromScratchCausalLMConfig, TrainingConfig
 from workers.ml.data import formats, templates
 from workers.ml.data.examples import DatasetFormat, DatasetTask, Example, RowError, example_text
 from workers.ml.data.split import split_indices
@@ -1146,17 +1146,22 @@ def _save_atomically(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one training from a JSON config file, printing events and a final result as JSON lines on stdout."""
+    """Run one training (`workers.ml.engine.run_training`) from a JSON config file, printing events and a final
+    result as JSON lines on stdout."""
     parser = argparse.ArgumentParser(
         prog="python -m workers.ml.train",
-        description="Train a small GPT-2 style model from scratch. Events and the result go to stdout as JSON lines.",
+        description="Train a model (any task and mode of the engine); events and the result go to stdout as JSON "
+        "lines.",
     )
-    parser.add_argument("config", help="JSON file with the fields of FromScratchCausalLMConfig")
+    parser.add_argument("config", help="JSON file with the fields of workers.ml.config.TrainingConfig")
     arguments = parser.parse_args(argv)
     output = JsonLinesCallback(sys.stdout)
+    # Imported here: the engine pulls in peft and scikit-learn, which this module's own users never need.
+    from workers.ml.engine import run_training
+
     try:
-        config = FromScratchCausalLMConfig.from_dict(_read_config_file(arguments.config))
-        result = train_causal_lm_from_scratch(config, output)
+        config = TrainingConfig.from_dict(_read_config_file(arguments.config))
+        result = run_training(config, output)
     except TrainingDataError as error:
         output.on_event(TrainingEvent(level="error", message=error.message, data=error.to_dict()))
         return 1

@@ -7,4 +7,5 @@ app_name = "api"
 urlpatterns = [
     path("", include("apps.datasets.api.urls")),
     path("", include("apps.jobs.api.urls")),
+    path("", include("apps.catalog.api.urls")),
 ]
