@@ -247,9 +247,13 @@ def file_revalidate(
 
 
 def file_preview(
-    *, file: File, tokenizer: Tokenizer, template: str, train_on: str, max_length: int, limit: int
+    *, file: File, tokenizer: Tokenizer | str, template: str, train_on: str, max_length: int, limit: int
 ) -> list[dict]:
-    """The first examples as tokens, each marked trained or masked: the labels the trainer would compute."""
+    """The first examples as tokens, each marked trained or masked: the labels the trainer would compute.
+
+    ``tokenizer`` is one of the tenant's tokenizer assets, or the id of a pretrained catalog model whose own tokenizer
+    a fine-tuning job would use (e.g. ``smollm2-135m-instruct``).
+    """
     if template not in CHAT_TEMPLATES:
         raise ApiError(f"Unknown template '{template}'; use one of: {', '.join(CHAT_TEMPLATES)}.", param="template")
     if train_on not in TRAIN_ON_CHOICES:
@@ -258,10 +262,13 @@ def file_preview(
         raise ApiError("max_length must be between 8 and 131072.", param="max_length")
     if not 1 <= limit <= PREVIEW_MAX_EXAMPLES:
         raise ApiError(f"limit must be between 1 and {PREVIEW_MAX_EXAMPLES}.", param="limit")
-    if tokenizer.status != TokenizerStatus.READY:
+    if isinstance(tokenizer, str):
+        loaded = _catalog_tokenizer(tokenizer)
+    elif tokenizer.status != TokenizerStatus.READY:
         raise ApiError(f"Tokenizer {tokenizer.public_id} is {tokenizer.status}, not ready.", param="tokenizer")
+    else:
+        loaded = tokenizer_load(tokenizer)
     examples = _valid_examples(file, limit)
-    loaded = tokenizer_load(tokenizer)
     # As the trainer does: the template's markers become single special tokens, so the preview shows what trains.
     ensure_template_tokens(loaded, template)
     try:
@@ -275,6 +282,24 @@ def file_preview(
         )
     except ValueError as exc:
         raise ApiError(str(exc), code="preview_not_available", param="file_id") from exc
+
+
+def _catalog_tokenizer(model_id: str):
+    from apps.catalog.selectors import catalog_entry_ready, catalog_get, catalog_model_folder
+
+    entry = catalog_get(model_id=model_id)
+    if entry is None or entry.kind != "pretrained":
+        raise ApiError(
+            f"No such tokenizer: {model_id}. Use one of your tokenizers (tok-…) or a pretrained catalog model id.",
+            code="not_found",
+            param="tokenizer",
+            status_code=404,
+        )
+    if not catalog_entry_ready(entry):
+        raise ApiError(
+            f"The weights of {model_id} are not on this server yet.", code="model_not_ready", param="tokenizer"
+        )
+    return load_tokenizer(catalog_model_folder(entry))
 
 
 def _valid_examples(file: File, limit: int) -> list[Example]:

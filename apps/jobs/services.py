@@ -226,10 +226,11 @@ def job_create(
     # Lock the file rows and read their status afresh: validation records its result under the same lock, so either
     # it sees this job waiting, or this job sees the result. Without it a job could wait forever.
     job_files = [(File.objects.select_for_update().get(pk=file.pk), param) for file, param in job_files]
-    resolved = resolve_hyperparameters(hyperparameters, entry=entry, task=file_engine_task(job_files[0][0]))
-    verdict, error = _files_verdict(job_files, entry, resolved)
+    # The files first: "this model cannot learn this file" is the error to show, not what it implies for settings.
+    verdict, error = _files_verdict(job_files, entry, hyperparameters or {})
     if verdict == "failed":
         raise ApiError(error["message"], code=error["code"], param=error["param"])
+    resolved = resolve_hyperparameters(hyperparameters, entry=entry, task=file_engine_task(job_files[0][0]))
     if validation_file is not None and resolved.get("validation_fraction"):
         raise ApiError(
             "Give either a validation_file or hyperparameters.validation_fraction, not both.",

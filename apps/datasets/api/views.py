@@ -173,9 +173,14 @@ class FilePreviewView(TenantAPIView):
     def get(self, request, public_id):
         file = self.get_object()
         params = request.query_params
-        tokenizer = _tenant_tokenizer(self, params.get("tokenizer"))
-        if tokenizer is None:
-            raise ApiError("Choose a tokenizer for the preview: ?tokenizer=tok-…", param="tokenizer")
+        reference = params.get("tokenizer")
+        if not reference:
+            raise ApiError(
+                "Choose a tokenizer for the preview: ?tokenizer=tok-… or a pretrained catalog model id.",
+                param="tokenizer",
+            )
+        # A tenant's tokenizer asset (tok-…), or a pretrained catalog model's own tokenizer, which is not tenant data.
+        tokenizer = _tenant_tokenizer(self, reference) if reference.startswith("tok-") else reference
         examples = file_preview(
             file=file,
             tokenizer=tokenizer,
@@ -184,7 +189,8 @@ class FilePreviewView(TenantAPIView):
             max_length=_int_param(params.get("max_length"), "max_length", 1024),
             limit=_int_param(params.get("limit"), "limit", 5),
         )
-        return Response({"object": "list", "data": examples, "file": file.public_id, "tokenizer": tokenizer.public_id})
+        label = tokenizer if isinstance(tokenizer, str) else tokenizer.public_id
+        return Response({"object": "list", "data": examples, "file": file.public_id, "tokenizer": label})
 
 
 class TokenizerListCreateView(TenantAPIView):
