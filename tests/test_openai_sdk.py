@@ -55,3 +55,13 @@ def test_file_content_streams_through_the_asgi_server(asgi_server, tenant_a):
     content = english_corpus(3000).encode()
     uploaded = client.files.create(file=("big.txt", io.BytesIO(content)), purpose="fine-tune")
     assert client.files.content(uploaded.id).read() == content
+
+
+def test_openai_sdk_lists_and_retrieves_catalog_models(asgi_server, tenant_a):
+    client = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=tenant_a.api_key, max_retries=0)
+    ids = [model.id for model in client.models.list()]
+    assert "gpt2-tiny" in ids and "smollm2-135m-instruct" in ids and "minilm-l6-v2" in ids
+    model = client.models.retrieve("t5-tiny")
+    assert model.id == "t5-tiny" and model.owned_by == "tunehouse"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")

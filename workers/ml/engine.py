@@ -19,7 +19,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1061,13 +1060,101 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(wanted)
 
 
-def exported_model_files(output_dir: str) -> list[str]:
-    """The files of an exported model folder (for tests and the platform's upload)."""
-    return sorted(path.name for path in Path(output_dir).iterdir())
+# ---------------------------------------------------------------------------------------------------- on demand
 
 
-def remove_output(output_dir: str) -> None:
-    shutil.rmtree(output_dir, ignore_errors=True)
+def evaluate_saved_model(
+    model_dir: str,
+    data_file: str,
+    *,
+    data_filename: str | None = None,
+    column_mapping: dict[str, str] | None = None,
+    max_examples: int = 200,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a model this engine exported (merged, plain or a LoRA adapter folder) on any dataset of its task:
+    the same metrics as the evaluations during training, plus sample predictions.
+
+    The task, labels, maximum length, chat template and train_on come from the model's ``training_report.json``,
+    so the numbers are comparable with the ones training reported.
+    """
+    folder = Path(model_dir)
+    report_path = folder / REPORT_FILENAME
+    if not report_path.is_file():
+        raise TrainingDataError("not_a_trained_model", f"{model_dir} holds no {REPORT_FILENAME}.", "model")
+    report = checkpoints.read_json(report_path)
+    hyperparameters = report.get("hyperparameters", {})
+    task = report["task"]
+    label_names = report.get("labels")
+    config = TrainingConfig.from_dict(
+        {
+            "train_file": data_file,
+            "train_filename": data_filename,
+            "output_dir": "-",
+            "task": task,
+            # Only the reading and tokenizing settings matter here: the model is the saved folder itself.
+            "mode": "full",
+            "base_model": str(folder),
+            "max_length": hyperparameters.get("max_length", 128),
+            "chat_template": hyperparameters.get("chat_template", "chatml"),
+            "train_on": hyperparameters.get("train_on", "completions"),
+            "column_mapping": column_mapping,
+            "max_eval_examples": max_examples,
+            "generation_max_new_tokens": hyperparameters.get("generation_max_new_tokens", 64),
+            "device": device,
+        }
+    )
+    resolved_device = _resolve_device(device)
+    sets = read_example_sets(config, NullCallback())
+    label_ids = {label: index for index, label in enumerate(label_names)} if label_names else None
+    if label_ids is not None:
+        unknown = sorted({example.fields["label"] for example in sets.train} - set(label_ids))
+        if unknown:
+            raise TrainingDataError(
+                "unknown_labels",
+                f"The dataset has labels the model was never trained on: {', '.join(unknown[:5])}.",
+                "file",
+            )
+    tokenizer = modeling.load_tokenizer(folder)
+    examples = tokenize(
+        sets.train[:max_examples],
+        tokenizer,
+        task=sets.task,
+        plain_text=sets.plain_text,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        train_on=config.train_on,
+        label_ids=label_ids,
+    )
+    model = _load_for_evaluation(folder, task, label_names)
+    setup = _Setup(
+        model=model,
+        tokenizer=tokenizer,
+        label_names=label_names,
+        train_source=None,  # type: ignore[arg-type] - evaluation never trains
+        validation=limit(examples, max_examples),
+        num_parameters=modeling.count_parameters(model),
+        trainable_parameters=0,
+    )
+    model.to(resolved_device)
+    autocast = _autocast(_resolve_precision("auto", resolved_device), resolved_device)
+    evaluator = _Evaluator(config, setup, resolved_device, autocast, batch_size)
+    results = evaluator.evaluate(model, step=0)
+    return {"task": task, "examples": len(setup.validation.input_ids), "metrics": results, "samples": evaluator.samples}
 
 
-__all__ = ["EngineResult", "PreTrainedModel", "REPORT_FILENAME", "run_training"]
+def _load_for_evaluation(folder: Path, task: str, label_names: list[str] | None) -> torch.nn.Module:
+    id2label = dict(enumerate(label_names)) if label_names else None
+    num_labels = len(label_names) if label_names else None
+    marker = folder / modeling.ADAPTER_MARKER
+    if marker.is_file():
+        from peft import PeftModel
+
+        base_path = checkpoints.read_json(marker)["base_model"]
+        base = modeling.load_pretrained(base_path, task=task, num_labels=num_labels, id2label=id2label)
+        return PeftModel.from_pretrained(base, str(folder))
+    return modeling.load_pretrained(folder, task=task, num_labels=num_labels, id2label=id2label)
+
+
+__all__ = ["EngineResult", "PreTrainedModel", "REPORT_FILENAME", "evaluate_saved_model", "run_training"]
