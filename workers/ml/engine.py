@@ -46,6 +46,7 @@ from workers.ml.data.training_sets import (
     limit,
     read_example_sets,
     tokenize,
+    tokenize_causal_examples_cached,
     tokenizer_texts,
     trained_target_count,
 )
@@ -324,16 +325,35 @@ def _prepare(
                     "validation_file",
                 )
     tokenizer = _tokenizer_for(config, sets, resume_from)
-    tokenized_train = tokenize(
-        sets.train,
-        tokenizer,
-        task=sets.task,
-        plain_text=sets.plain_text,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        train_on=config.train_on,
-        label_ids=label_ids,
-    )
+    if config.tokenized_cache_dir is not None and config.task == "causal_lm" and not sets.plain_text:
+        tokenized_train, hit = tokenize_causal_examples_cached(
+            sets.train,
+            tokenizer,
+            cache_dir=config.tokenized_cache_dir,
+            examples_fingerprint=_examples_fingerprint(config),
+            task=sets.task,
+            max_length=config.max_length,
+            chat_template=config.chat_template,
+            train_on=config.train_on,
+        )
+        callback.on_event(
+            TrainingEvent(
+                level="info",
+                message="Tokenized examples reused from the cache." if hit else "Tokenized examples cached for reuse.",
+                data={"tokenized_cache_hit": hit},
+            )
+        )
+    else:
+        tokenized_train = tokenize(
+            sets.train,
+            tokenizer,
+            task=sets.task,
+            plain_text=sets.plain_text,
+            max_length=config.max_length,
+            chat_template=config.chat_template,
+            train_on=config.train_on,
+            label_ids=label_ids,
+        )
     if tokenized_train.truncated:
         callback.on_event(
             TrainingEvent(
@@ -838,6 +858,14 @@ def _run_fingerprint(config: TrainingConfig) -> str:
             # A base model is identified by its weights, not the folder it happens to be unpacked in.
             settings[f"{name}_sha256"] = _folder_fingerprint(folder)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _examples_fingerprint(config: TrainingConfig) -> str:
+    """The training examples' identity: the file, and when a share is held out, the split that picks them."""
+    split = {"file": _sha256_of(config.train_file), "column_mapping": config.column_mapping}
+    if config.validation_fraction:
+        split.update(validation_fraction=config.validation_fraction, seed=config.seed)
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256_of(path: str) -> str:

@@ -302,6 +302,51 @@ def tokenize(
     return TokenizedSet(encoded_sources.ids, encoded_targets.ids, None, sources, targets, truncated)
 
 
+def tokenize_causal_examples_cached(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    cache_dir: str,
+    examples_fingerprint: str,
+    task: DatasetTask,
+    max_length: int,
+    chat_template: str,
+    train_on: str,
+) -> tuple[TokenizedSet, bool]:
+    """`tokenize` for chat / prompt-completion / text examples through the tokenized cache, keyed by the examples,
+    the tokenizer, the template, train_on, the maximum length and the task: a retry, a resumed job or a search trial
+    on the same data reuses the rows (the same `templates.tokenize_batch` output). Returns the set and whether the
+    cache was hit."""
+    # Imported here: `datasets` takes a second to import and only this path needs it.
+    from workers.ml.data import tokenized_cache
+
+    key = tokenized_cache.cache_key(
+        dataset_sha256=examples_fingerprint,
+        tokenizer_fingerprint=tokenized_cache.tokenizer_fingerprint(tokenizer),
+        template=chat_template,
+        train_on=train_on,
+        max_length=max_length,
+        task=str(task),
+    )
+    hit = tokenized_cache.cache_hit(cache_dir, key)
+    dataset = tokenized_cache.tokenize_to_cache(
+        examples,
+        tokenizer,
+        cache_dir=cache_dir,
+        key=key,
+        template=chat_template,
+        train_on=train_on,
+        max_length=max_length,
+        batch_rows=_TOKENIZE_BATCH,
+    )
+    columns = dataset.data
+    input_ids = columns.column("input_ids").to_pylist()
+    labels = columns.column("labels").to_pylist()
+    truncated = sum(columns.column("truncated").to_pylist())
+    empty = [""] * len(input_ids)
+    return TokenizedSet(input_ids, labels, None, empty, list(empty), truncated), hit
+
+
 @dataclass(frozen=True)
 class _Encoded:
     ids: list[list[int]]

@@ -1,0 +1,59 @@
+"""The engine's data path: tokenized examples are cached and reused, and give exactly the rows of a fresh run."""
+
+from workers.ml.callbacks import TrainingEvent
+from workers.ml.config import TrainingConfig
+from workers.ml.data.samples import write_sample_datasets
+from workers.ml.engine import run_training
+
+
+class _Recorder:
+    def __init__(self):
+        self.events: list[TrainingEvent] = []
+
+    def on_event(self, event: TrainingEvent) -> None:
+        self.events.append(event)
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def test_tokenized_cache_is_reused_and_changes_nothing(tmp_path):
+    samples = write_sample_datasets(str(tmp_path / "samples"))
+    common = {"train_file": samples["chat.jsonl"], "max_steps": 3, "log_every_steps": 1, "device": "cpu"}
+    runs = []
+    for name, cache in (("fresh", None), ("first", tmp_path / "cache"), ("second", tmp_path / "cache")):
+        recorder = _Recorder()
+        config = TrainingConfig.from_dict(
+            {**common, "output_dir": str(tmp_path / name), "tokenized_cache_dir": str(cache) if cache else None}
+        )
+        run_training(config, recorder)
+        runs.append(recorder)
+    hits = [
+        [
+            event.data["tokenized_cache_hit"]
+            for event in run.events
+            if event.data and "tokenized_cache_hit" in event.data
+        ]
+        for run in runs
+    ]
+    assert hits == [[], [False], [True]]
+    losses = [[event.data["train_loss"] for event in run.events if event.type == "metrics"] for run in runs]
+    assert losses[0] == losses[1] == losses[2] and len(losses[0]) == 3
+    # A different max_length is a different tokenization: not served from the entry above.
+    recorder = _Recorder()
+    run_training(
+        TrainingConfig.from_dict(
+            {
+                **common,
+                "output_dir": str(tmp_path / "other"),
+                "tokenized_cache_dir": str(tmp_path / "cache"),
+                "max_length": 64,
+            }
+        ),
+        recorder,
+    )
+    assert [
+        event.data["tokenized_cache_hit"]
+        for event in recorder.events
+        if event.data and "tokenized_cache_hit" in event.data
+    ] == [False]
