@@ -57,3 +57,24 @@ def test_tokenized_cache_is_reused_and_changes_nothing(tmp_path):
         for event in recorder.events
         if event.data and "tokenized_cache_hit" in event.data
     ] == [False]
+
+
+def test_plain_text_paragraphs_are_documents_and_few_documents_hold_out_lines(tmp_path):
+    from workers.ml.data.training_sets import read_example_sets
+
+    text = tmp_path / "story.txt"
+    text.write_text("First line.\nSecond line.\n\nAnother paragraph\nwith two lines.\n\n\nLast one.\n")
+    sets = read_example_sets(TrainingConfig(train_file=str(text), output_dir="-"), _Recorder())
+    assert [example.fields["text"] for example in sets.train] == [
+        "First line.\nSecond line.",
+        "Another paragraph\nwith two lines.",
+        "Last one.",
+    ]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"line number {index}\n" for index in range(40)))
+    split = read_example_sets(
+        TrainingConfig(train_file=str(lines), output_dir="-", validation_fraction=0.25), _Recorder()
+    )
+    held_out = [line for document in split.validation for line in document.fields["text"].split("\n")]
+    kept = [line for document in split.train for line in document.fields["text"].split("\n")]
+    assert len(held_out) == 10 and len(kept) == 30 and not set(held_out) & set(kept)

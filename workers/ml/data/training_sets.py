@@ -51,6 +51,8 @@ _TOKENIZE_BATCH = 1000
 # costs little, and the order between windows stays random.
 _LENGTH_GROUPING_WINDOW = 50
 _MIN_EXAMPLES_TO_SPLIT = 2
+# Below this many documents a held-out share of a plain text is taken by lines, not documents.
+_MIN_DOCUMENTS_TO_SPLIT = 10
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,29 @@ def read_example_sets(config, callback: TrainingCallback) -> ExampleSets:
             )
     plain_text = data_format == DatasetFormat.TEXT
     train, skipped = _read_examples(config.train_file, filename, data_format, mapping, callback, TRAINING_FILE_PARAM)
+    if plain_text:
+        lines = train
+        train = _documents(lines)
+        if config.validation_file is None and config.validation_fraction > 0 and len(train) < _MIN_DOCUMENTS_TO_SPLIT:
+            # A text with few blank lines is one or two long documents: hold out a share of its lines instead (the
+            # remaining lines keep their place, so their documents stay contiguous).
+            kept, held_out = _split(lines, config, DatasetTask.CAUSAL_LM)
+            return ExampleSets(
+                task=task,
+                plain_text=True,
+                train=_documents(kept),
+                validation=_documents(held_out),
+                skipped_rows=skipped,
+                validation_from_file=False,
+            )
     validation = None
     if config.validation_file is not None:
         assert validation_filename is not None and validation_format is not None
         validation, _ = _read_examples(
             config.validation_file, validation_filename, validation_format, mapping, callback, VALIDATION_FILE_PARAM
         )
+        if validation_format == DatasetFormat.TEXT:
+            validation = _documents(validation)
     elif config.validation_fraction > 0:
         train, validation = _split(train, config, task)
     return ExampleSets(
@@ -218,6 +237,25 @@ def _read_examples(
         code = TOO_LITTLE_DATA if param == TRAINING_FILE_PARAM else TOO_LITTLE_VALIDATION_DATA
         raise TrainingDataError(code, f"The {label} has no example to use.", param)
     return examples, len(skipped)
+
+
+def _documents(lines: list[Example]) -> list[Example]:
+    """Plain text: consecutive lines form one document and a blank line ends it, so a paragraph keeps its context
+    (each document ends with the end-of-text token and attends only to itself when packed)."""
+    documents: list[Example] = []
+    current: list[Example] = []
+    for line in lines:
+        if current and line.line != current[-1].line + 1:
+            documents.append(_join(current))
+            current = []
+        current.append(line)
+    if current:
+        documents.append(_join(current))
+    return documents
+
+
+def _join(lines: list[Example]) -> Example:
+    return Example(lines[0].line, DatasetTask.CAUSAL_LM, {"text": "\n".join(line.fields["text"] for line in lines)})
 
 
 def _split(examples: list[Example], config, task: DatasetTask) -> tuple[list[Example], list[Example]]:
@@ -362,7 +400,7 @@ def _encode(
     lengths: list[int] = []
     eos = tokenizer.eos_token_id
     for start in range(0, len(texts), _TOKENIZE_BATCH):
-        batch = tokenizer(texts[start : start + _TOKENIZE_BATCH], add_special_tokens=True)["input_ids"]
+        batch = tokenizer(texts[start : start + _TOKENIZE_BATCH], add_special_tokens=True, verbose=False)["input_ids"]
         for sequence in batch:
             if append_eos and eos is not None and (not sequence or sequence[-1] != eos):
                 sequence = [*sequence, eos]
@@ -381,7 +419,7 @@ def _tokenize_documents(
     pieces: list[list[int]] = []
     for start in range(0, len(documents), _TOKENIZE_BATCH):
         texts = [document.fields["text"] for document in documents[start : start + _TOKENIZE_BATCH]]
-        for sequence in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for sequence in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
             if eos is not None:
                 sequence = [*sequence, eos]
             for offset in range(0, len(sequence), max_length):
