@@ -203,6 +203,7 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
             (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.detach()
             window.tokens += batch.useful_tokens
+            window.trained_targets += batch.trained_targets
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = _clip(model, config.max_grad_norm)
@@ -235,6 +236,7 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
                 total_steps=total_steps,
                 learning_rate=learning_rate,
                 epoch=state.micro_batch / setup.train_source.batches_per_epoch,
+                task=config.task,
                 evaluation=evaluation,
             )
         if evaluation is not None:
@@ -255,6 +257,7 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
                 total_steps=total_steps,
                 learning_rate=learning_rate_at(scheduler),
                 epoch=state.micro_batch / setup.train_source.batches_per_epoch,
+                task=config.task,
             )
         if config.checkpoint_dir and state.step and state.step != state.last_checkpoint_step:
             _save_checkpoint(config, fingerprint, state, model, optimizer, scheduler, setup, callback)
@@ -725,6 +728,7 @@ class _MetricsWindow:
         self.grad_norm_sum = torch.zeros((), device=self._device)
         self.steps = 0
         self.tokens = 0
+        self.trained_targets = 0
         self.started_at = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -741,6 +745,7 @@ def _emit_metrics(
     total_steps: int,
     learning_rate: float,
     epoch: float,
+    task: str,
     evaluation: dict[str, Any] | None = None,
 ) -> float:
     # .item() waits for the accelerator: it happens once per metrics event, never per step.
@@ -764,6 +769,9 @@ def _emit_metrics(
         "eta_seconds": round(seconds_per_step * (total_steps - step), 1),
         "memory_mb": _memory_mb(window._device),
     }
+    if task == "causal_lm":
+        # The share of tokens the loss covers: below 1 when prompts or user turns are masked (train_on).
+        data["trained_tokens_fraction"] = round(window.trained_targets / max(window.tokens, 1), 4)
     message = f"Step {step:,}/{total_steps:,}: training loss {mean_loss:.4f}"
     if evaluation is not None:
         data.update({name: value for name, value in evaluation.items() if isinstance(value, int | float)})

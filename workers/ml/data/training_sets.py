@@ -438,6 +438,8 @@ class PackedRows:
     position_ids: torch.Tensor
     targets: torch.Tensor
     examples_per_row: torch.Tensor
+    tokens_per_row: torch.Tensor
+    """Tokens of real examples in each row; the rest of the row is padding."""
 
 
 def pack(tokenized: TokenizedSet, *, max_length: int, pad_token_id: int) -> PackedRows:
@@ -479,7 +481,13 @@ def pack(tokenized: TokenizedSet, *, max_length: int, pad_token_id: int) -> Pack
             offset += length
         # The padded tail is one more "example" with positions from 0, so it attends only to itself.
         position_ids[row_index, offset:] = torch.arange(max_length - offset)
-    return PackedRows(input_ids, position_ids, targets, torch.tensor([len(members) for members in rows]))
+    return PackedRows(
+        input_ids,
+        position_ids,
+        targets,
+        torch.tensor([len(members) for members in rows]),
+        torch.tensor([max_length - left for left in room]),
+    )
 
 
 class BatchSource:
@@ -538,9 +546,7 @@ class BatchSource:
             input_ids = self.packed.input_ids[indices]
             targets = self.packed.targets[indices]
             trained = int((targets != IGNORE_INDEX).sum())
-            useful = int((self.packed.position_ids[indices] != 0).sum() + self.packed.examples_per_row[indices].sum())
-            # The padded tail counts as one position-0 start per row when present; useful tokens are bounded by it.
-            useful = min(useful, input_ids.numel())
+            useful = int(self.packed.tokens_per_row[indices].sum())
             return Batch(input_ids, None, self.packed.position_ids[indices], targets, trained, useful)
         return collate_padded(self.tokenized, indices.tolist(), task=self.task, pad_token_id=self.pad_token_id)
 
