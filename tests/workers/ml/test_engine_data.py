@@ -1,20 +1,9 @@
 """The engine's data path: tokenized examples are cached and reused, and give exactly the rows of a fresh run."""
 
-from workers.ml.callbacks import TrainingEvent
+from tests.workers.ml.engine_fixtures import Recorder as _Recorder
 from workers.ml.config import TrainingConfig
 from workers.ml.data.samples import write_sample_datasets
 from workers.ml.engine import run_training
-
-
-class _Recorder:
-    def __init__(self):
-        self.events: list[TrainingEvent] = []
-
-    def on_event(self, event: TrainingEvent) -> None:
-        self.events.append(event)
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def test_tokenized_cache_is_reused_and_changes_nothing(tmp_path):
