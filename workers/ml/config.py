@@ -309,6 +309,10 @@ class TrainingConfig:
     init: str = "normal"
     """From scratch: weight initialisation, ``"xavier_uniform"``, ``"xavier_normal"``, ``"kaiming_uniform"``,
     ``"kaiming_normal"`` or ``"normal"`` (N(0, 0.02), GPT-2's). Biases start at zero, norm gains at one."""
+    dropout: float | None = None
+    """From scratch: every dropout rate of the model. None: 0 for a GPT-2 language model (short runs underfit far
+    more than they overfit, as modern pretraining recipes find, and it is faster) and the architecture's 0.1
+    otherwise (classifiers and seq2seq on small datasets)."""
     tokenizer: str | None = None
     """From scratch: local folder of a trained tokenizer (a tenant's tokenizer asset). None: train one on the
     training data (byte-level BPE for gpt2, WordPiece for bert, Unigram for t5) of ``vocab_size``. Fine-tuning
@@ -470,6 +474,10 @@ class TrainingConfig:
             )
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES[self.mode])
+        if self.dropout is None and self.mode == "from_scratch":
+            object.__setattr__(self, "dropout", 0.0 if self.task == "causal_lm" else 0.1)
+        if self.dropout is not None:
+            _check_float_range("dropout", self.dropout, 0.0, 1.0, maximum_inclusive=False)
         assert self.learning_rate is not None
         if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= MAX_LEARNING_RATE):
             raise TrainingDataError(

@@ -468,6 +468,7 @@ def _model_for(
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
             id2label=id2label,
+            dropout=config.dropout,
         )
         return model
     assert config.base_model is not None

@@ -250,6 +250,13 @@ def _labels(num_labels: int | None, id2label: dict[int, str] | None) -> tuple[in
     return num_labels, labels
 
 
+_DROPOUT_FIELDS = {
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "t5": ("dropout_rate",),
+}
+
+
 def build_from_scratch(
     *,
     architecture: str,
@@ -264,8 +271,12 @@ def build_from_scratch(
     eos_token_id: int | None = None,
     decoder_start_token_id: int | None = None,
     id2label: dict[int, str] | None = None,
+    dropout: float | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised model of a named size (see ``_SIZE_CONFIGS``) for ``task``.
+
+    ``dropout`` sets every dropout rate of the architecture (embeddings, attention, residual / hidden); None keeps
+    the architecture's usual 0.1.
 
     GPT-2 and BERT get ``max_length`` learned positions; T5 uses relative positions, so it has no length limit of
     its own. GPT-2 classification pools the last token that is not padding, so it needs ``pad_token_id`` (``eos``
@@ -335,6 +346,11 @@ def build_from_scratch(
         )
         if bos_token_id is not None:
             config.bos_token_id = bos_token_id
+    if dropout is not None:
+        if not 0 <= dropout < 1:
+            raise _invalid("dropout", f"dropout must be at least 0 and below 1, got {dropout!r}.")
+        for name in _DROPOUT_FIELDS[architecture]:
+            setattr(config, name, float(dropout))
     config._attn_implementation = _attention_implementation(model_class)
     model = model_class(config)
     initialise_weights(model, init)
