@@ -1,0 +1,491 @@
+"""Training throughput of the engine against the stock Hugging Face Trainer, on variable-length short texts; prints
+one JSON object.
+
+    .venv/bin/python benchmarks/train_throughput.py [--size mini] [--max-length 256] [--batch-size 8] [--steps 20]
+
+Both sides train the same GPT-2 (``workers.ml.modeling.build_from_scratch``, same size, vocabulary, max_length and
+seed) on the same generated documents, tokenized by the same byte-level BPE tokenizer into the same token sequences
+(the engine's own ``tokenize``: the text, then end-of-text, cut at max_length), with the same batch size, number of
+optimizer steps and torch threads. Each side runs in its own subprocess, so each peak memory is its own.
+
+- ``ours``: ``workers.ml.engine.run_training``, which packs the examples into rows of max_length tokens (position ids
+  restart at every example: no attention across examples, no padding).
+- ``baseline``: ``transformers.Trainer`` with per-batch dynamic padding (``DataCollatorWithPadding``, labels = the
+  input ids with padded positions -100), ``train_sampling_strategy="random"`` (no length grouping: what
+  ``group_by_length=False`` was before transformers 5), its default optimizer, no torch.compile.
+
+Only the steady state is timed: the ``--steps`` optimizer steps after ``--warmup-steps`` (data reading, tokenizing,
+model building, compilation and export are not). ``tokens_per_second`` counts useful tokens only (every token of
+every example the timed steps trained on, never padding), counted from the batches themselves; the engine's own
+count for the same steps is reported next to it as ``engine_counted_tokens``.
+
+The sides run one after the other, ``--repeats`` times in turn; each side's best run is reported (the machine may be
+shared: the best run is the one least slowed by others), with every run's figure in ``runs_tokens_per_second``.
+
+Documents have 5-120 words, uniformly (``--lengths uniform``) or log-uniformly (``--lengths log-uniform``: many
+short ones and a long tail, closer to chat data). Dynamic padding pads each batch to its longest example, so the
+baseline's padding share depends on how much lengths vary within a batch, not on max_length.
+
+Peak memory: ``peak_rss_mb`` is the subprocess's peak resident memory (ru_maxrss), ``peak_rss_growth_mb`` that less
+its memory after imports; on CUDA ``peak_cuda_allocated_mb`` is torch.cuda.max_memory_allocated. On CUDA ``mfu`` is
+6 x parameters x tokens_per_second / 989e12 (the bf16 dense peak of an H100/H200 SXM).
+
+Defaults on a CPU: model "mini", max_length 256, batch 8, fp32, torch threads = half the cores (what the engine uses
+on a CPU, and never more: the engine lowers a higher count). On CUDA the reference setting: "base" (GPT-2 ~124M with
+a ~50k vocabulary), max_length 1024, batch 16, bf16 (the engine's precision "auto", the Trainer's bf16=True), and
+torch.compile for the engine where it compiles (compile "auto").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+if str(REPOSITORY_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY_ROOT))
+
+# bf16 dense peak of an H100 / H200 SXM, in FLOP/s.
+_PEAK_FLOPS = 989e12
+_GOAL_CPU_SPEEDUP = 4.0
+_ONSETS = ["", "b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "pl", "r", "s",
+           "sh", "st", "t", "th", "tr", "v", "w", "z"]  # fmt: skip
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"]
+_CODAS = ["", "", "n", "r", "s", "t", "l", "nd", "st", "m"]
+_LEXICON_SIZE = 20_000
+_MIN_WORDS = 5
+_MAX_WORDS = 120
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def generate_documents(count: int, *, seed: int, log_uniform: bool = False) -> list[str]:
+    """``count`` documents of 5-120 words: sentences of Zipf-distributed pseudo-words, so that a byte-level BPE can
+    learn a vocabulary of realistic size (tens of thousands of tokens) from them."""
+    chooser = random.Random(seed)
+    words: set[str] = set()
+    while len(words) < _LEXICON_SIZE:
+        words.add(
+            "".join(
+                chooser.choice(_ONSETS) + chooser.choice(_VOWELS) + chooser.choice(_CODAS)
+                for _ in range(chooser.randint(1, 3))
+            )
+        )
+    lexicon = sorted(words)
+    chooser.shuffle(lexicon)
+    cumulative = []
+    total = 0.0
+    for rank in range(len(lexicon)):
+        total += 1.0 / (rank + 1)
+        cumulative.append(total)
+    documents = []
+    for _ in range(count):
+        if log_uniform:
+            length = round(math.exp(chooser.uniform(math.log(_MIN_WORDS), math.log(_MAX_WORDS))))
+        else:
+            length = chooser.randint(_MIN_WORDS, _MAX_WORDS)
+        drawn = chooser.choices(lexicon, cum_weights=cumulative, k=length)
+        sentences = []
+        start = 0
+        while start < length:
+            end = start + chooser.randint(4, 15)
+            sentences.append(" ".join(drawn[start:end]).capitalize() + ".")
+            start = end
+        documents.append(" ".join(sentences))
+    return documents
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+
+
+def _training_config(spec: dict[str, Any]):
+    from workers.ml.config import TrainingConfig
+
+    return TrainingConfig(
+        train_file=spec["train_file"],
+        output_dir=spec["output_dir"],
+        task="causal_lm",
+        mode="from_scratch",
+        architecture="gpt2",
+        model_size=spec["size"],
+        tokenizer=spec["tokenizer"],
+        max_length=spec["max_length"],
+        batch_size=spec["batch_size"],
+        max_steps=spec["warmup_steps"] + spec["steps"],
+        warmup_steps=spec["warmup_steps"],
+        log_every_steps=1,
+        compile=spec["compile"],
+        seed=spec["seed"],
+        device=spec["device"],
+    )
+
+
+def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from workers.ml.data import training_sets
+    from workers.ml.engine import run_training
+
+    # Read-only instrumentation: every micro-batch the engine collates is counted (exact useful tokens: the tokens
+    # of the examples in each packed row, its padded tail left out), in the order the steps take them.
+    collated: list[tuple[int, int, int]] = []  # (useful tokens, engine's own count, tokens computed)
+    original_collate = training_sets.BatchSource.collate
+
+    def counting_collate(source, indices):
+        batch = original_collate(source, indices)
+        if source.packed is not None:
+            positions = source.packed.position_ids[indices]
+            starts = positions == 0
+            length = positions.shape[1]
+            has_tail = starts.sum(dim=1) > source.packed.examples_per_row[indices]
+            last_start = (starts * torch.arange(length)).amax(dim=1)
+            useful = int(torch.where(has_tail, last_start, length).sum())
+        else:
+            useful = int(batch.attention_mask.sum()) if batch.attention_mask is not None else batch.input_ids.numel()
+        collated.append((useful, batch.useful_tokens, batch.input_ids.numel()))
+        return batch
+
+    training_sets.BatchSource.collate = counting_collate
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.step_times: dict[int, float] = {}
+            self.start: dict[str, Any] = {}
+            self.threads = 0
+
+        def on_event(self, event) -> None:
+            if event.type == "metrics":
+                # The engine reads the loss (.item()) before emitting: on CUDA the step's work is done by now.
+                self.step_times[event.data["step"]] = time.perf_counter()
+                self.threads = torch.get_num_threads()
+            elif event.data and "num_parameters" in event.data:
+                self.start = dict(event.data)
+
+        def should_stop(self) -> bool:
+            return False
+
+    recorder = Recorder()
+    result = run_training(_training_config(spec), recorder)
+    warmup, steps = spec["warmup_steps"], spec["steps"]
+    timed = collated[warmup : warmup + steps]
+    if result.steps_completed != warmup + steps or len(collated) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} steps, got {result.steps_completed} ({len(collated)} batches)")
+    return {
+        "seconds": recorder.step_times[warmup + steps] - recorder.step_times[warmup],
+        "useful_tokens": sum(useful for useful, _, _ in timed),
+        "engine_counted_tokens": sum(counted for _, counted, _ in timed),
+        "computed_tokens": sum(computed for _, _, computed in timed),
+        "parameters": result.num_parameters,
+        "precision": recorder.start.get("precision"),
+        "vocab_size": recorder.start.get("vocab_size"),
+        "train_rows": recorder.start.get("train_rows"),
+        "threads": recorder.threads,
+    }
+
+
+def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from workers.ml import modeling
+    from workers.ml.callbacks import NullCallback
+    from workers.ml.data.training_sets import read_example_sets, tokenize
+
+    config = _training_config(spec)
+    cuda = spec["device"].startswith("cuda")
+    tokenizer = modeling.load_tokenizer(spec["tokenizer"])
+    tokenizer.model_max_length = config.max_length
+    sets = read_example_sets(config, NullCallback())
+    tokenized = tokenize(
+        sets.train,
+        tokenizer,
+        task=sets.task,
+        plain_text=sets.plain_text,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        train_on=config.train_on,
+    )
+    dataset = [{"input_ids": ids} for ids in tokenized.input_ids]
+    torch.manual_seed(config.seed)
+    model = modeling.build_from_scratch(
+        architecture="gpt2",
+        size=config.model_size,
+        task="causal_lm",
+        vocab_size=len(tokenizer),
+        max_length=config.max_length,
+        init=config.init,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # The very model the engine builds: same dropout as the engine's config resolved.
+        dropout=config.dropout,
+    )
+    padding = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def collate(features):
+        batch = padding(features)
+        # Masked by attention_mask, not by comparing with the pad id: pad is end-of-text, which is trained.
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    counted: list[tuple[int, int]] = []  # (useful tokens, tokens computed) per training_step
+    step_ends: list[float] = []
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            counted.append((int(inputs["attention_mask"].sum()), inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
+    warmup, steps = spec["warmup_steps"], spec["steps"]
+    with tempfile.TemporaryDirectory(prefix="tunehouse-bench-trainer-") as output_dir:
+        arguments = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=warmup + steps,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=warmup,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            bf16=spec["precision"] == "bf16",
+            use_cpu=not cuda,
+            train_sampling_strategy="random",  # no length grouping (the old group_by_length=False)
+            dataloader_num_workers=0,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            seed=config.seed,
+        )
+        trainer = CountingTrainer(
+            model=model, args=arguments, train_dataset=dataset, data_collator=collate, callbacks=[StepClock()]
+        )
+        trainer.train()
+    if len(step_ends) != warmup + steps or len(counted) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} steps, got {len(step_ends)} ({len(counted)} batches)")
+    timed = counted[warmup : warmup + steps]
+    return {
+        "seconds": step_ends[warmup + steps - 1] - step_ends[warmup - 1],
+        "useful_tokens": sum(useful for useful, _ in timed),
+        "computed_tokens": sum(computed for _, computed in timed),
+        "parameters": modeling.count_parameters(model),
+        "precision": spec["precision"],
+        "vocab_size": len(tokenizer),
+        "train_rows": len(dataset),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(side: str, spec_path: str, result_path: str) -> None:
+    import torch
+    import transformers  # noqa: F401 - imported before the memory baseline, like torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cuda = spec["device"].startswith("cuda")
+    rss_before = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = (_train_ours if side == "ours" else _train_baseline)(spec)
+    result["rss_after_imports_mb"] = round(rss_before, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+    result["peak_rss_mb"] = round(peak, 1)
+    result["peak_rss_growth_mb"] = round(peak - rss_before, 1)
+    if cuda:
+        result["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    Path(result_path).write_text(json.dumps(result))
+
+
+def _run_side(side: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    spec_path = folder / "spec.json"
+    result_path = folder / f"{side}.json"
+    spec_path.write_text(json.dumps(spec))
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", side, str(spec_path), str(result_path)],
+        cwd=REPOSITORY_ROOT,
+        env=dict(os.environ, **_OFFLINE),
+        capture_output=True,
+        text=True,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"the {side} run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads(result_path.read_text())
+
+
+def _tokens_per_second(raw: dict[str, Any]) -> float:
+    return raw["useful_tokens"] / raw["seconds"]
+
+
+def _summary(runs: list[dict[str, Any]], cuda: bool, steps: int) -> dict[str, Any]:
+    raw = max(runs, key=_tokens_per_second)
+    tokens_per_second = _tokens_per_second(raw)
+    summary = {
+        "tokens_per_second": round(tokens_per_second, 1),
+        "runs_tokens_per_second": [round(_tokens_per_second(run), 1) for run in runs],
+        "useful_tokens": raw["useful_tokens"],
+        "computed_tokens": raw["computed_tokens"],
+        "padding_share": round(1 - raw["useful_tokens"] / raw["computed_tokens"], 4),
+        "seconds": round(raw["seconds"], 3),
+        "seconds_per_step": round(raw["seconds"] / steps, 4),
+    }
+    if "engine_counted_tokens" in raw:
+        summary["engine_counted_tokens"] = raw["engine_counted_tokens"]
+    if cuda:
+        summary["mfu"] = round(6 * raw["parameters"] * tokens_per_second / _PEAK_FLOPS, 4)
+    for key in ("peak_rss_mb", "peak_rss_growth_mb", "peak_cuda_allocated_mb"):
+        if key in raw:
+            summary[key] = max(run[key] for run in runs)
+    for key in ("rss_after_imports_mb", "precision", "threads", "train_rows"):
+        summary[key] = raw[key]
+    return summary
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(*sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help='"auto" (cuda when available), "cpu", "cuda" or "cuda:N"')
+    parser.add_argument("--size", choices=("tiny", "mini", "small", "base"), help="default: mini on CPU, base on CUDA")
+    parser.add_argument("--max-length", type=int, help="default: 256 on CPU, 1024 on CUDA")
+    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 16 on CUDA")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them (at least 1)")
+    parser.add_argument("--documents", type=int, help="generated documents; default: 4000 on CPU, 20000 on CUDA")
+    parser.add_argument("--vocab-size", type=int, help="BPE vocabulary; default: 8192 on CPU, 50257 on CUDA")
+    parser.add_argument("--lengths", choices=("uniform", "log-uniform"), default="uniform", help="words per document")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, in turn; the best is reported")
+    parser.add_argument("--threads", type=int, help="torch threads on CPU; default and maximum: half the cores")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="the engine's compile")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    if arguments.warmup_steps < 1 or arguments.steps < 1 or arguments.repeats < 1:
+        parser.error("--steps, --warmup-steps and --repeats must be at least 1")
+
+    import torch
+
+    from workers.ml.tokenizer_training import train_byte_level_bpe
+
+    device = arguments.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device is cuda but no CUDA device is available")
+    threads = None
+    if not cuda:
+        engine_threads = max(1, (os.cpu_count() or 2) // 2)
+        threads = min(arguments.threads or engine_threads, engine_threads)
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    documents = arguments.documents or (20_000 if cuda else 4_000)
+    vocab_size = arguments.vocab_size or (50_257 if cuda else 8_192)
+
+    with tempfile.TemporaryDirectory(prefix="tunehouse-bench-") as temporary:
+        folder = Path(temporary)
+        texts = generate_documents(documents, seed=arguments.seed, log_uniform=arguments.lengths == "log-uniform")
+        train_file = folder / "documents.jsonl"
+        with train_file.open("w", encoding="utf-8") as handle:
+            for text in texts:
+                handle.write(json.dumps({"text": text}) + "\n")
+        tokenizer = train_byte_level_bpe(texts, vocab_size=vocab_size)
+        tokenizer.save_pretrained(folder / "tokenizer")
+        lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # + end-of-text
+        spec = {
+            "train_file": str(train_file),
+            "output_dir": str(folder / "model"),
+            "tokenizer": str(folder / "tokenizer"),
+            "size": arguments.size or ("base" if cuda else "mini"),
+            "max_length": arguments.max_length or (1024 if cuda else 256),
+            "batch_size": arguments.batch_size or (16 if cuda else 8),
+            "steps": arguments.steps,
+            "warmup_steps": arguments.warmup_steps,
+            "compile": arguments.compile,
+            "seed": arguments.seed,
+            "device": device,
+            "threads": threads,
+            "precision": precision,
+        }
+        started = time.perf_counter()
+        baseline_runs, ours_runs = [], []
+        for _ in range(arguments.repeats):
+            baseline_runs.append(_run_side("baseline", spec, folder))
+            ours_runs.append(_run_side("ours", spec, folder))
+        wall_seconds = time.perf_counter() - started
+
+    ours, baseline = ours_runs[0], baseline_runs[0]
+    if ours["parameters"] != baseline["parameters"] or ours["vocab_size"] != baseline["vocab_size"]:
+        raise RuntimeError(f"the two models differ: {ours} / {baseline}")
+    ours_summary = _summary(ours_runs, cuda, arguments.steps)
+    baseline_summary = _summary(baseline_runs, cuda, arguments.steps)
+    speedup = ours_summary["tokens_per_second"] / baseline_summary["tokens_per_second"]
+    report: dict[str, Any] = {
+        "benchmark": "useful (non-padding) training tokens per second: packed engine vs HF Trainer with padding",
+        "device": device,
+        "device_name": _device_name(device),
+        "architecture": "gpt2",
+        "size": spec["size"],
+        "parameters": ours["parameters"],
+        "vocab_size": ours["vocab_size"],
+        "max_length": spec["max_length"],
+        "batch_size": spec["batch_size"],
+        "warmup_steps": arguments.warmup_steps,
+        "timed_steps": arguments.steps,
+        "documents": documents,
+        "lengths": arguments.lengths,
+        "document_tokens_mean": round(sum(lengths) / len(lengths), 1),
+        "document_tokens_max": max(lengths),
+        "compile": arguments.compile,
+        "repeats": arguments.repeats,
+        "cpus": os.cpu_count(),
+        "ours": ours_summary,
+        "baseline": baseline_summary,
+        "speedup": round(speedup, 2),
+        "wall_seconds": round(wall_seconds, 1),
+    }
+    if not cuda:
+        report["goal_speedup"] = _GOAL_CPU_SPEEDUP
+        report["goal_met"] = speedup >= _GOAL_CPU_SPEEDUP
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
