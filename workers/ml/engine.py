@@ -954,7 +954,8 @@ def _save_checkpoint(
         TrainingEvent(
             level="info",
             message=f"Checkpoint saved at step {state.step:,}.",
-            data={"checkpoint": {"step_number": state.step, "metrics": info.metrics, "path": str(info.path)}},
+            # No local path: the event reaches tenants through the API, and the server's folders are not theirs to see.
+            data={"checkpoint": {"step_number": state.step, "metrics": info.metrics}},
         )
     )
 
@@ -1011,11 +1012,9 @@ def _export(
         "sample_predictions": samples,
         "num_parameters": setup.num_parameters,
         "trainable_parameters": setup.trainable_parameters,
-        "hyperparameters": {
-            key: value
-            for key, value in config.to_dict().items()
-            if key not in _FINGERPRINT_IGNORES or key == "base_model"
-        },
+        "hyperparameters": {key: value for key, value in config.to_dict().items() if key not in _FINGERPRINT_IGNORES},
+        # The base model by its folder's name (the catalog id): the report travels with the model, the path does not.
+        "base_model": Path(config.base_model).name if config.base_model else None,
     }
     checkpoints.write_json(Path(config.output_dir) / REPORT_FILENAME, _json_safe(report))
 
