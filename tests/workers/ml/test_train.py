@@ -1,8 +1,12 @@
-"""Training a tiny GPT-2 from scratch: real tokenizer, real model, real files; no Django."""
+"""What a user of `workers.ml.engine.run_training` (and of ``python -m workers.ml.train``) sees on causal-LM data: the
+errors that name what to fix, warnings, the validation split, and that the loss covers only the trained tokens.
+
+Tiny gpt2 models on CPU, a step or two each; no Django. The engine's own mechanics (architectures, resuming,
+schedules, packing, the command line) are in test_engine.py.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -12,15 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.workers.ml.engine_fixtures import REPOSITORY_ROOT, Recorder, make_config, train
 from workers.ml.callbacks import JsonLinesCallback, NullCallback, TrainingCallback, TrainingEvent
-from workers.ml.config import FromScratchCausalLMConfig
+from workers.ml.data import templates
+from workers.ml.data.split import split_indices
+from workers.ml.data.templates import IGNORE_INDEX
+from workers.ml.data.training_sets import (
+    NOTHING_TO_TRAIN,
+    TOO_LITTLE_DATA,
+    TOO_LITTLE_VALIDATION_DATA,
+    VALIDATION_MISMATCH,
+    read_example_sets,
+    tokenizer_texts,
+    trained_target_count,
+)
+from workers.ml.engine import _examples_fingerprint, _prepare
 from workers.ml.errors import TrainingDataError
-from workers.ml.train import TrainingResult, train_causal_lm_from_scratch
-
-REPOSITORY_ROOT = Path(__file__).resolve().parents[3]
 
 _SUBJECTS = [
     "The old sailor", "A young girl", "My neighbour", "Our teacher", "The quick fox", "A tired doctor",
@@ -39,6 +51,10 @@ _ENDINGS = [
     "slowly", "every morning", "before dinner", "with great care", "in the rain", "after school",
     "without a word", "on Sundays", "near the sea", "at night", "with a smile", "once a year",
 ]  # fmt: skip
+_NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
+_FRUITS = ["apples", "pears", "plums", "figs", "limes", "dates", "grapes", "cherries"]
+# A word no training document holds: the held-out documents carry it, so it shows where held-out text went.
+HELD_OUT_WORD = "zorblaxquiv"
 
 
 def write_training_corpus(path: Path, *, paragraphs: int = 80, seed: int = 7) -> Path:
@@ -55,242 +71,245 @@ def write_training_corpus(path: Path, *, paragraphs: int = 80, seed: int = 7) ->
     return path
 
 
-class RecordingCallback:
-    """Keeps every event; asks to stop once should_stop has been polled ``stop_after_polls`` times."""
-
-    def __init__(self, stop_after_polls: int | None = None):
-        self.events: list[TrainingEvent] = []
-        self.polls = 0
-        self._stop_after_polls = stop_after_polls
-
-    def on_event(self, event: TrainingEvent) -> None:
-        self.events.append(event)
-
-    def should_stop(self) -> bool:
-        self.polls += 1
-        return self._stop_after_polls is not None and self.polls > self._stop_after_polls
-
-    @property
-    def metrics(self) -> list[dict]:
-        return [event.data for event in self.events if event.type == "metrics"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedRun:
-    config: FromScratchCausalLMConfig
-    result: TrainingResult
-    callback: RecordingCallback
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = write_training_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    assert 15_000 < path.stat().st_size < 30_000
+def write_chat_jsonl(path: Path, *, rows: int = 60, seed: int = 3, assistant_weight: int | None = None) -> Path:
+    """Fruit-counting conversations: the user's turns say "bought" and "buy", the assistant's "has"."""
+    chooser = random.Random(seed)
+    weight = {} if assistant_weight is None else {"weight": assistant_weight}
+    lines = []
+    for _ in range(rows):
+        name, fruit, count = chooser.choice(_NAMES), chooser.choice(_FRUITS), chooser.randint(2, 30)
+        messages = [
+            {"role": "system", "content": "You count fruit for the market stall."},
+            {"role": "user", "content": f"{name} bought {count} {fruit}. How many is that?"},
+            {"role": "assistant", "content": f"{name} has {count} {fruit}.", **weight},
+            {"role": "user", "content": "And if they buy the same again?"},
+            {"role": "assistant", "content": f"Then {name} has {2 * count} {fruit}.", **weight},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
-    config = FromScratchCausalLMConfig(
-        train_file=str(corpus_file), output_dir=str(tmp_path_factory.mktemp("runs") / "model")
-    )
-    callback = RecordingCallback()
-    result = train_causal_lm_from_scratch(config, callback)
-    return TrainedRun(config=config, result=result, callback=callback)
+def write_prompt_completion_jsonl(path: Path, *, rows: int = 80, seed: int = 5) -> Path:
+    chooser = random.Random(seed)
+    lines = []
+    for _ in range(rows):
+        name, fruit, count = chooser.choice(_NAMES), chooser.choice(_FRUITS), chooser.randint(2, 30)
+        lines.append(json.dumps({"prompt": f"{name} sells {fruit}: ", "completion": f"{count} {fruit} a day."}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
-def test_training_reduces_the_loss(trained: TrainedRun) -> None:
-    result = trained.result
-    assert result.steps_completed == trained.config.max_steps
-    assert result.stopped is False
-    # A random model over ~500 tokens starts near ln(500) = 6.2.
-    assert 5.0 < result.initial_train_loss < 7.0
-    assert result.final_train_loss < result.initial_train_loss - 2.0
-    assert result.num_parameters > 50_000
-    assert result.train_tokens % (trained.config.context_length + 1) == 0
-    assert result.train_tokens > trained.config.context_length * 20
+def _raised(train_file: Path | str, output_dir: Path, **overrides) -> TrainingDataError:
+    with pytest.raises(TrainingDataError) as raised:
+        train(str(train_file), output_dir, max_steps=2, **overrides)
+    # A user error is found before anything is written.
+    assert not output_dir.exists()
+    return raised.value
 
 
-def test_metrics_events_are_throttled_and_complete(trained: TrainedRun) -> None:
-    metrics = trained.callback.metrics
-    config = trained.config
-    assert len(metrics) == math.ceil(config.max_steps / config.log_every_steps)
-    steps = [data["step"] for data in metrics]
-    assert steps == list(range(config.log_every_steps, config.max_steps + 1, config.log_every_steps))
-    for data in metrics:
-        assert set(data) == {"step", "total_steps", "train_loss", "learning_rate", "tokens_per_second", "epoch"}
-        assert data["total_steps"] == config.max_steps
-        assert data["tokens_per_second"] > 0
-        assert 0 < data["learning_rate"] <= config.learning_rate
-    epochs = [data["epoch"] for data in metrics]
-    assert epochs == sorted(epochs) and epochs[0] > 0
-    # The reported final loss is the last window's mean, and the windows trend down.
-    assert metrics[-1]["train_loss"] == pytest.approx(trained.result.final_train_loss)
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
-    # Warmup reaches the peak, then the cosine brings it down.
-    learning_rates = [data["learning_rate"] for data in metrics]
-    assert learning_rates[0] == pytest.approx(config.learning_rate)
-    assert learning_rates[-1] < config.learning_rate / 2
-
-
-def test_start_and_end_messages_tell_the_user_what_happened(trained: TrainedRun) -> None:
-    messages = [event for event in trained.callback.events if event.type == "message"]
-    assert len(messages) == 2
-    start, end = messages
-    assert f"{trained.result.num_parameters:,}" in start.message
-    assert f"{trained.result.train_tokens:,}" in start.message
-    assert start.level == end.level == "info"
-    assert "finished" in end.message
-    assert trained.callback.events[0] is start and trained.callback.events[-1] is end
-
-
-def test_output_folder_holds_safetensors_and_tokenizer_only(trained: TrainedRun) -> None:
-    output_dir = Path(trained.config.output_dir)
-    names = {path.name for path in output_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
-    pickle_suffixes = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
-    assert not [name for name in names if Path(name).suffix in pickle_suffixes]
-    # The staging folder was renamed into place, not left behind.
-    assert [path.name for path in output_dir.parent.iterdir()] == ["model"]
-    tensors = load_file(str(output_dir / "model.safetensors"))
-    assert any("wte" in name for name in tensors)
-
-
-def test_saved_model_reloads_with_transformers(trained: TrainedRun) -> None:
-    output_dir = trained.config.output_dir
-    tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=False, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=False, local_files_only=True)
-    model.eval()
-    assert model.config.n_positions == trained.config.context_length
-    assert model.config.vocab_size == len(tokenizer)
-    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == model.config.eos_token_id
-    text = "The old sailor walks to the quiet harbour every morning."
-    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    input_ids = torch.tensor([tokenizer(text)["input_ids"]])
-    with torch.inference_mode():
-        loss = model(input_ids=input_ids, labels=input_ids).loss.item()
-    # Text like the training data: far below the untrained model's loss.
-    assert loss < trained.result.initial_train_loss - 2.0
-
-
-def test_same_seed_gives_identical_losses_and_another_seed_does_not(trained: TrainedRun, tmp_path: Path) -> None:
-    repeat = RecordingCallback()
-    again = train_causal_lm_from_scratch(
-        dataclasses.replace(trained.config, output_dir=str(tmp_path / "again")), repeat
-    )
-    assert again.final_train_loss == trained.result.final_train_loss
-    assert again.initial_train_loss == trained.result.initial_train_loss
-    assert [data["train_loss"] for data in repeat.metrics] == [data["train_loss"] for data in trained.callback.metrics]
-
-    other_seed = train_causal_lm_from_scratch(
-        dataclasses.replace(trained.config, output_dir=str(tmp_path / "other"), seed=1, max_steps=5)
-    )
-    assert other_seed.initial_train_loss != trained.result.initial_train_loss
-
-
-def test_should_stop_ends_training_early_and_still_saves(trained: TrainedRun, tmp_path: Path) -> None:
-    output_dir = tmp_path / "stopped"
-    output_dir.mkdir()
-    (output_dir / "stale.txt").write_text("from an earlier attempt")
-    callback = RecordingCallback(stop_after_polls=7)
-    result = train_causal_lm_from_scratch(dataclasses.replace(trained.config, output_dir=str(output_dir)), callback)
-    assert result.stopped is True
-    assert result.steps_completed == 7
-    assert callback.polls == 8
-    # The partial window since step 5 is still reported, so the chart shows where training ended.
-    assert [data["step"] for data in callback.metrics] == [5, 7]
-    assert result.final_train_loss == pytest.approx(callback.metrics[-1]["train_loss"])
-    assert "stopped" in callback.events[-1].message
-    names = {path.name for path in output_dir.iterdir()}
-    assert "model.safetensors" in names and "stale.txt" not in names
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["stopped"]
-
-
-def test_stop_before_the_first_step(trained: TrainedRun, tmp_path: Path) -> None:
-    result = train_causal_lm_from_scratch(
-        dataclasses.replace(trained.config, output_dir=str(tmp_path / "out")), RecordingCallback(stop_after_polls=0)
-    )
-    assert result.stopped is True and result.steps_completed == 0
-    assert math.isnan(result.initial_train_loss) and math.isnan(result.final_train_loss)
+# --- Training-file errors ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("content", ["", "   \n\n \t \n"])
-def test_empty_training_file_is_a_user_error(tmp_path: Path, content: str) -> None:
+def test_an_empty_training_file_is_a_user_error(tmp_path: Path, content: str) -> None:
     train_file = tmp_path / "empty.txt"
     train_file.write_text(content)
-    config = FromScratchCausalLMConfig(train_file=str(train_file), output_dir=str(tmp_path / "out"))
-    with pytest.raises(TrainingDataError) as raised:
-        train_causal_lm_from_scratch(config)
-    assert raised.value.code == "empty_training_file"
-    assert not (tmp_path / "out").exists()
+    error = _raised(train_file, tmp_path / "out")
+    assert (error.code, error.param) == ("empty_file", "training_file")
 
 
-def test_too_little_text_is_a_user_error(tmp_path: Path) -> None:
-    train_file = tmp_path / "short.txt"
-    train_file.write_text("Just a few words here.\n")
-    config = FromScratchCausalLMConfig(train_file=str(train_file), output_dir=str(tmp_path / "out"))
-    with pytest.raises(TrainingDataError) as raised:
-        train_causal_lm_from_scratch(config)
-    assert raised.value.code == "too_little_data"
-    assert "context_length" in raised.value.message
-
-
-def test_invalid_utf8_is_a_user_error(tmp_path: Path) -> None:
+def test_a_file_that_is_not_utf8_is_a_user_error(tmp_path: Path) -> None:
     train_file = tmp_path / "latin1.txt"
     train_file.write_bytes("Café au lait, s'il vous plaît.\n".encode("latin-1") * 200)
-    config = FromScratchCausalLMConfig(train_file=str(train_file), output_dir=str(tmp_path / "out"))
-    with pytest.raises(TrainingDataError) as raised:
-        train_causal_lm_from_scratch(config)
-    assert raised.value.code == "invalid_file_encoding"
+    error = _raised(train_file, tmp_path / "out")
+    assert (error.code, error.param) == ("binary_content", "training_file")
+    assert "UTF-8" in error.message
+
+
+def test_a_file_without_a_valid_example_is_a_user_error(tmp_path: Path) -> None:
+    train_file = tmp_path / "train.txt"
+    train_file.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n' * 20)
+    error = _raised(train_file, tmp_path / "out", train_filename="chats.jsonl")
+    assert (error.code, error.param) == (TOO_LITTLE_DATA, "training_file")
+
+
+def test_an_unknown_file_type_is_a_user_error_when_the_name_is_given(tmp_path: Path) -> None:
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("hello\n")
+    error = _raised(train_file, tmp_path / "out", train_filename="notes.docx")
+    assert (error.code, error.param) == ("unsupported_file_type", "training_file")
+
+
+def test_data_where_nothing_is_trained_is_a_user_error(tmp_path: Path) -> None:
+    """Every assistant turn has weight 0: the run would learn nothing, so it fails before building a model."""
+    train_file = write_chat_jsonl(tmp_path / "weights.jsonl", assistant_weight=0)
+    error = _raised(train_file, tmp_path / "out")
+    assert (error.code, error.param) == (NOTHING_TO_TRAIN, "training_file")
+    assert '"weight": 0' in error.message and "train_on" in error.message
+    # The same file with train_on="all" trains every token, weights notwithstanding.
+    run = train(str(train_file), tmp_path / "all", max_steps=1, train_on="all")
+    assert run.result.steps_completed == 1
+
+
+def test_bad_rows_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    good = write_chat_jsonl(tmp_path / "good.jsonl").read_text().splitlines()
+    train_file = tmp_path / "chats.jsonl"
+    train_file.write_text("\n".join([*good[:30], "{not json", '{"messages": []}', *good[30:]]) + "\n")
+    recorder = Recorder()
+    sets = read_example_sets(make_config(str(train_file), "out"), recorder)
+    assert len(sets.train) == 60 and sets.skipped_rows == 2
+    (warning,) = [event for event in recorder.events if event.level == "warning"]
+    assert "2 rows" in warning.message and warning.data["first_error"]["line"] == 31
+
+
+def test_examples_longer_than_max_length_are_cut_with_a_warning(tmp_path: Path) -> None:
+    train_file = tmp_path / "long.jsonl"
+    rows = [{"prompt": f"Say {fruit} ", "completion": f"{fruit} " * 100} for fruit in _FRUITS * 2]
+    train_file.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    run = train(str(train_file), tmp_path / "out", max_steps=1)
+    (event,) = run.recorder.with_data_key("truncated_examples")
+    assert event.level == "warning" and event.data["truncated_examples"] == 16
+    assert "max_length" in event.message
+
+
+def test_stop_before_the_first_step(tmp_path: Path) -> None:
+    corpus = write_training_corpus(tmp_path / "corpus.txt", paragraphs=20)
+    run = train(str(corpus), tmp_path / "out", max_steps=5, recorder=Recorder(stop_after_metrics=0))
+    assert run.result.stopped is True and run.result.steps_completed == 0
+    assert math.isnan(run.result.initial_train_loss) and math.isnan(run.result.final_train_loss)
+    assert run.result.output_dir is None and not (tmp_path / "out").exists()
+    assert run.recorder.metrics == [] and "stopped" in run.recorder.events[-1].message
+
+
+# --- The loss covers the trained tokens only -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("overrides", "param"),
+    ("writer", "trained_words", "masked_words"),
     [
-        ({"learnin_rate": 0.01}, "learnin_rate"),
-        ({"n_embd": 65, "n_head": 2}, "n_embd"),
-        ({"learning_rate": 0}, "learning_rate"),
-        ({"learning_rate": float("nan")}, "learning_rate"),
-        ({"max_steps": 100_001}, "max_steps"),
-        ({"max_steps": 0}, "max_steps"),
-        ({"vocab_size": 10}, "vocab_size"),
-        ({"vocab_size": 70_000}, "vocab_size"),
-        ({"n_layer": True}, "n_layer"),
-        ({"batch_size": "8"}, "batch_size"),
-        ({"context_length": 64.0}, "context_length"),
-        ({"warmup_steps": 61}, "warmup_steps"),
-        ({"log_every_steps": 0}, "log_every_steps"),
-        ({"device": "gpu"}, "device"),
-        ({"train_file": ""}, "train_file"),
+        (write_chat_jsonl, [" has", "<|im_end|>"], [" bought", "How many", " buy", "<|im_start|>"]),
+        (write_prompt_completion_jsonl, [" a day"], [" sells"]),
     ],
+    ids=["chat", "prompt-completion"],
 )
-def test_bad_hyperparameters_name_the_parameter(overrides: dict, param: str) -> None:
-    data = {"train_file": "corpus.txt", "output_dir": "out", **overrides}
-    with pytest.raises(TrainingDataError) as raised:
-        FromScratchCausalLMConfig.from_dict(data)
-    assert raised.value.code == "invalid_hyperparameter"
-    assert raised.value.param == param
-    assert raised.value.message
+def test_the_loss_targets_are_the_previews_trained_tokens(tmp_path: Path, writer, trained_words, masked_words) -> None:
+    train_file = writer(tmp_path / "train.jsonl")
+    config = make_config(str(train_file), tmp_path / "out", max_length=96)
+    setup = _prepare(config, NullCallback(), None)
+    tokenizer, source = setup.tokenizer, setup.train_source
+    examples = read_example_sets(config, NullCallback()).train
+
+    # The rows hold exactly the labels of templates.tokenize_batch, the function the dashboard's preview is built on.
+    expected = templates.tokenize_batch(
+        examples, tokenizer, template=config.chat_template, train_on=config.train_on, max_length=config.max_length
+    )
+    assert source.tokenized.labels == [item.labels for item in expected]
+    previews = templates.preview_examples(
+        examples[:3], tokenizer, template=config.chat_template, train_on=config.train_on, max_length=config.max_length
+    )
+    for preview, item in zip(previews, expected, strict=False):
+        assert [token["trained"] for token in preview["tokens"]] == [label != IGNORE_INDEX for label in item.labels]
+
+    # Every packed row's targets, decoded: the answers are trained, the user's (or prompt's) words never are.
+    assert source.packed is not None
+    targets = source.packed.targets
+    trained = targets[targets != IGNORE_INDEX]
+    assert trained.numel() == trained_target_count(source.tokenized, "causal_lm") > 0
+    trained_text = tokenizer.decode(trained.tolist())
+    assert all(word in trained_text for word in trained_words), trained_text[:300]
+    assert not [word for word in masked_words if word in trained_text]
+
+    # train_on="all" trains the same tokens and more.
+    everything = _prepare(
+        make_config(str(train_file), tmp_path / "all", max_length=96, train_on="all"), Recorder(), None
+    )
+    all_targets = everything.train_source.packed.targets
+    assert torch.equal(everything.train_source.packed.input_ids, source.packed.input_ids)
+    assert int((all_targets != IGNORE_INDEX).sum()) > trained.numel()
 
 
-def test_missing_required_parameter() -> None:
-    with pytest.raises(TrainingDataError) as raised:
-        FromScratchCausalLMConfig.from_dict({"train_file": "corpus.txt"})
-    assert raised.value.param == "output_dir"
+# --- Validation data --------------------------------------------------------------------------------------------------
 
 
-def test_config_round_trips_through_a_dict() -> None:
-    config = FromScratchCausalLMConfig.from_dict({"train_file": "a.txt", "output_dir": "out", "learning_rate": 1})
-    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
-    assert FromScratchCausalLMConfig.from_dict(config.to_dict()) == config
-    assert json.loads(json.dumps(config.to_dict()))["vocab_size"] == 512
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.max_steps = 5  # type: ignore[misc]
+@pytest.mark.parametrize(
+    ("train_kind", "validation_kind"),
+    [("text", "chat"), ("chat", "text"), ("chat", "prompt_completion")],
+)
+def test_validation_data_of_another_kind_is_a_user_error(tmp_path: Path, train_kind: str, validation_kind: str) -> None:
+    files = {
+        "text": write_training_corpus(tmp_path / "corpus.txt", paragraphs=20),
+        "chat": write_chat_jsonl(tmp_path / "chats.jsonl"),
+        "prompt_completion": write_prompt_completion_jsonl(tmp_path / "sales.jsonl"),
+    }
+    error = _raised(files[train_kind], tmp_path / "out", validation_file=str(files[validation_kind]))
+    assert (error.code, error.param) == (VALIDATION_MISMATCH, "validation_file")
+    assert "same kind" in error.message
+
+
+@pytest.mark.parametrize(("filename", "content"), [("valid.txt", ""), ("valid.txt", "  \n\n\t\n"), ("valid.jsonl", "")])
+def test_an_empty_validation_file_names_the_file(tmp_path: Path, filename: str, content: str) -> None:
+    validation_file = tmp_path / "upload"
+    validation_file.write_text(content, encoding="utf-8")
+    if filename.endswith(".jsonl"):
+        train_file = write_chat_jsonl(tmp_path / "chats.jsonl")
+    else:
+        train_file = write_training_corpus(tmp_path / "corpus.txt", paragraphs=20)
+    error = _raised(train_file, tmp_path / "out", validation_file=str(validation_file), validation_filename=filename)
+    assert (error.code, error.param) == (TOO_LITTLE_VALIDATION_DATA, "validation_file")
+
+
+def test_too_little_to_hold_out_names_the_fraction(tmp_path: Path) -> None:
+    # One line in one document: nothing can be held out, by documents or by lines.
+    train_file = tmp_path / "one.txt"
+    train_file.write_text("A single long paragraph about boats and harbours. " * 200, encoding="utf-8")
+    error = _raised(train_file, tmp_path / "out", validation_fraction=0.2)
+    assert (error.code, error.param) == (TOO_LITTLE_VALIDATION_DATA, "validation_fraction")
+
+
+def test_a_seeded_share_of_chat_examples_is_held_out(tmp_path: Path) -> None:
+    train_file = write_chat_jsonl(tmp_path / "chats.jsonl")
+
+    def held_out(seed: int) -> list[int]:
+        sets = read_example_sets(make_config(str(train_file), "out", validation_fraction=0.25, seed=seed), Recorder())
+        assert len(sets.train) == 45 and len(sets.validation) == 15
+        assert not {example.line for example in sets.train} & {example.line for example in sets.validation}
+        return [example.line for example in sets.validation]
+
+    assert held_out(0) == held_out(0) != held_out(1)
+
+
+def test_the_tokenizer_never_sees_held_out_text(tmp_path: Path) -> None:
+    """The word is written only into the documents seed 0 holds out: they reach the validation set, never the text
+    the tokenizer is trained on."""
+    corpus = write_training_corpus(tmp_path / "corpus.txt")
+    documents = [document for document in corpus.read_text(encoding="utf-8").split("\n\n") if document.strip()]
+    _, held_out = split_indices(len(documents), validation_fraction=0.2, seed=0, stratify=False)
+    for index in held_out:
+        documents[index] += f" The {HELD_OUT_WORD} meets the {HELD_OUT_WORD}."
+    corpus.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+
+    sets = read_example_sets(make_config(str(corpus), "out", validation_fraction=0.2), Recorder())
+    assert len(sets.train) == 64 and len(sets.validation) == 16
+    assert not [text for text in tokenizer_texts(sets) if HELD_OUT_WORD in text]
+    assert all(HELD_OUT_WORD in example.fields["text"] for example in sets.validation)
+
+
+def test_the_tokenized_cache_knows_the_split(tmp_path: Path) -> None:
+    train_file = write_chat_jsonl(tmp_path / "chats.jsonl")
+    keys = {
+        _examples_fingerprint(make_config(str(train_file), "out", validation_fraction=fraction, seed=seed))
+        for fraction, seed in [(0.0, 0), (0.25, 0), (0.25, 1)]
+    }
+    assert len(keys) == 3
+
+
+# --- Callbacks and the library's imports ------------------------------------------------------------------------------
 
 
 def test_callbacks_follow_the_protocol() -> None:
     assert isinstance(NullCallback(), TrainingCallback)
-    assert isinstance(RecordingCallback(), TrainingCallback)
+    assert isinstance(Recorder(), TrainingCallback)
     assert NullCallback().should_stop() is False
 
 
@@ -307,45 +326,9 @@ def test_json_lines_callback_writes_valid_json(tmp_path: Path) -> None:
     ]
 
 
-def _run_cli(config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.ml.train", str(config_path)],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def test_cli_prints_json_lines_and_a_result(corpus_file: Path, tmp_path: Path) -> None:
-    config_path = tmp_path / "config.json"
-    output_dir = tmp_path / "cli-model"
-    config_path.write_text(json.dumps({"train_file": str(corpus_file), "output_dir": str(output_dir), "max_steps": 10}))
-    completed = _run_cli(config_path)
-    assert completed.returncode == 0, completed.stderr
-    lines = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert [line["type"] for line in lines] == ["message", "metrics", "metrics", "message", "result"]
-    result = lines[-1]
-    assert result["steps_completed"] == 10 and result["stopped"] is False
-    assert result["output_dir"] == str(output_dir)
-    assert result["final_train_loss"] < result["initial_train_loss"]
-    assert (output_dir / "model.safetensors").is_file()
-
-
-def test_cli_reports_user_errors_and_exits_1(tmp_path: Path) -> None:
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps({"train_file": "x.txt", "output_dir": "out", "n_head": 0}))
-    completed = _run_cli(config_path)
-    assert completed.returncode == 1
-    (line,) = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert line["level"] == "error"
-    assert line["data"]["code"] == "invalid_hyperparameter" and line["data"]["param"] == "n_head"
-
-
 def test_the_ml_library_imports_no_django() -> None:
     code = (
-        "import sys, workers.ml.train, workers.ml.generate, workers.ml.tokenizer_training\n"
+        "import sys, workers.ml.train, workers.ml.engine, workers.ml.generate, workers.ml.tokenizer_training\n"
         "forbidden = [name for name in sys.modules if name.split('.')[0] in "
         "{'django', 'celery', 'channels', 'rest_framework', 'apps', 'tunehouse'} or name.startswith('workers.tasks')]\n"
         "assert not forbidden, forbidden\n"

@@ -131,7 +131,10 @@ def read_example_sets(config, callback: TrainingCallback) -> ExampleSets:
         validation_format, validation_task = _detect(
             config.validation_file, validation_filename, mapping, param=VALIDATION_FILE_PARAM
         )
-        if _ENGINE_TASK_OF[validation_task] != wanted or (validation_task in _CAUSAL_TASKS) != (task in _CAUSAL_TASKS):
+        # The validation examples are tokenized the way the training examples are, so they must be of the very same
+        # task, not merely of the same engine task: a chat validation file for a plain text crashed on the missing
+        # "text" field (KeyError) instead of naming the file.
+        if validation_task != task:
             raise TrainingDataError(
                 VALIDATION_MISMATCH,
                 f"The validation file holds {validation_task} examples but the training file holds {task} examples; "
