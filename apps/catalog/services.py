@@ -124,13 +124,11 @@ def catalog_sync_builtin() -> list[CatalogModel]:
         if ready:
             defaults["parameter_count"] = _folder_parameters(folder)
             defaults["context_length"] = _context_length(folder)
-        entry, created = CatalogModel.objects.get_or_create(
-            model_id=pretrained.model_id, defaults={**defaults, "parameter_count": 0, "context_length": 0, **defaults}
-        )
-        if not created:
-            for name, value in defaults.items():
-                setattr(entry, name, value)
-            entry.save()
+        else:
+            # Not converted yet: the card shows the shipped weights' figures until they can be measured here.
+            defaults["parameter_count"] = pretrained.parameter_count
+            defaults["context_length"] = pretrained.context_length
+        entry, _ = CatalogModel.objects.update_or_create(model_id=pretrained.model_id, defaults=defaults)
         entries.append(entry)
     return entries
 

@@ -104,6 +104,8 @@ def home(request):
             "jobs": job_list(tenant=context.tenant)[:50],
             "catalog": [entry for entry in catalog_list() if entry.status == "ready"],
             "hyperparameters": _hyperparameter_fields(),
+            # The smallest general-purpose entry: trains on any text, chat or prompt/completion file in seconds.
+            "default_model": "gpt2-tiny",
         },
     )
 

@@ -90,6 +90,7 @@ def test_job_page_shows_live_progress_without_reloading(
 
         # 3. New training job from that file, long enough to watch.
         page.get_by_label("Training file").select_option(file_id)
+        assert page.get_by_label("Model", exact=True).input_value() == "gpt2-tiny"  # the default a newcomer gets
         page.get_by_label("max_steps", exact=True).fill(str(MAX_STEPS))
         page.get_by_label("max_length", exact=True).fill(str(CONTEXT_LENGTH))
         page.get_by_role("button", name="Start training", exact=True).click()
