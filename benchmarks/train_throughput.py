@@ -199,22 +199,14 @@ def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
     from workers.ml import modeling
     from workers.ml.callbacks import NullCallback
-    from workers.ml.data.training_sets import read_example_sets, tokenize
+    from workers.ml.data.training_sets import read_example_sets, tokenize_like_config
 
     config = _training_config(spec)
     cuda = spec["device"].startswith("cuda")
     tokenizer = modeling.load_tokenizer(spec["tokenizer"])
     tokenizer.model_max_length = config.max_length
     sets = read_example_sets(config, NullCallback())
-    tokenized = tokenize(
-        sets.train,
-        tokenizer,
-        task=sets.task,
-        plain_text=sets.plain_text,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        train_on=config.train_on,
-    )
+    tokenized = tokenize_like_config(sets.train, tokenizer, config=config, sets=sets)
     dataset = [{"input_ids": ids} for ids in tokenized.input_ids]
     torch.manual_seed(config.seed)
     model = modeling.build_from_scratch(

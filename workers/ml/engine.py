@@ -45,8 +45,8 @@ from workers.ml.data.training_sets import (
     evaluation_batches,
     limit,
     read_example_sets,
-    tokenize,
     tokenize_causal_examples_cached,
+    tokenize_like_config,
     tokenizer_texts,
     trained_target_count,
 )
@@ -347,16 +347,7 @@ def _prepare(
             )
         )
     else:
-        tokenized_train = tokenize(
-            sets.train,
-            tokenizer,
-            task=sets.task,
-            plain_text=sets.plain_text,
-            max_length=config.max_length,
-            chat_template=config.chat_template,
-            train_on=config.train_on,
-            label_ids=label_ids,
-        )
+        tokenized_train = tokenize_like_config(sets.train, tokenizer, config=config, sets=sets, label_ids=label_ids)
     if tokenized_train.truncated:
         callback.on_event(
             TrainingEvent(
@@ -377,15 +368,8 @@ def _prepare(
         )
     validation = None
     if sets.validation is not None:
-        tokenized_validation = tokenize(
-            sets.validation[: config.max_eval_examples],
-            tokenizer,
-            task=sets.task,
-            plain_text=sets.plain_text,
-            max_length=config.max_length,
-            chat_template=config.chat_template,
-            train_on=config.train_on,
-            label_ids=label_ids,
+        tokenized_validation = tokenize_like_config(
+            sets.validation[: config.max_eval_examples], tokenizer, config=config, sets=sets, label_ids=label_ids
         )
         validation = limit(tokenized_validation, config.max_eval_examples)
         if trained_target_count(validation, config.task) == 0:
@@ -1153,16 +1137,7 @@ def evaluate_saved_model(
                 "file",
             )
     tokenizer = modeling.load_tokenizer(folder)
-    examples = tokenize(
-        sets.train[:max_examples],
-        tokenizer,
-        task=sets.task,
-        plain_text=sets.plain_text,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        train_on=config.train_on,
-        label_ids=label_ids,
-    )
+    examples = tokenize_like_config(sets.train[:max_examples], tokenizer, config=config, sets=sets, label_ids=label_ids)
     model = _load_for_evaluation(folder, task, label_names)
     setup = _Setup(
         model=model,

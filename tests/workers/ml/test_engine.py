@@ -51,7 +51,7 @@ from workers.ml.data.training_sets import (
     limit,
     pack,
     read_example_sets,
-    tokenize,
+    tokenize_like_config,
     trained_target_count,
 )
 from workers.ml.engine import REPORT_FILENAME, _prepare, run_training
@@ -162,14 +162,11 @@ def _validation_examples(config: TrainingConfig, tokenizer: Any) -> TokenizedSet
     sets = read_example_sets(config, NullCallback())
     assert sets.validation is not None
     return limit(
-        tokenize(
+        tokenize_like_config(
             sets.validation[: config.max_eval_examples],
             tokenizer,
-            task=sets.task,
-            plain_text=sets.plain_text,
-            max_length=config.max_length,
-            chat_template=config.chat_template,
-            train_on=config.train_on,
+            config=config,
+            sets=sets,
             label_ids={label: index for index, label in enumerate(_LABELS)},
         ),
         config.max_eval_examples,

@@ -388,6 +388,28 @@ def tokenize_causal_examples_cached(
     return TokenizedSet(input_ids, labels, None, empty, list(empty), truncated), hit
 
 
+def tokenize_like_config(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    config,
+    sets: ExampleSets,
+    label_ids: dict[str, int] | None = None,
+) -> TokenizedSet:
+    """`tokenize` with the reading and templating settings of a training config (max_length, chat_template,
+    train_on) and the kind of data ``sets`` holds: training, validation and evaluation all go through here."""
+    return tokenize(
+        examples,
+        tokenizer,
+        task=sets.task,
+        plain_text=sets.plain_text,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        train_on=config.train_on,
+        label_ids=label_ids,
+    )
+
+
 @dataclass(frozen=True)
 class _Encoded:
     ids: list[list[int]]
