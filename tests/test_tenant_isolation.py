@@ -11,7 +11,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.core.storage import object_store, tenant_key
 from apps.datasets.models import File, Tokenizer
-from apps.jobs.models import FineTuningJob, JobStatus
+from apps.jobs.models import FineTuningJob, JobStatus, ModelEvaluation
 from apps.jobs.services import job_create, job_event_record
 from apps.tenancy.models import ApiKey
 from tunehouse.asgi import application
@@ -308,7 +308,21 @@ def probe_model_detail(w):
     _assert_not_found(w["api_b"].get(f"/v1/models/{w['job'].public_id}"))
 
 
+def probe_job_evaluations(w):
+    path = f"/v1/fine_tuning/jobs/{w['job'].public_id}/evaluations"
+    _assert_not_found(w["api_b"].get(path))
+    _assert_not_found(w["api_b"].post(path, {"file": w["file"].public_id}, content_type="application/json"))
+    assert not ModelEvaluation.objects.exists()
+
+
+def probe_job_evaluation_detail(w):
+    evaluation = ModelEvaluation.objects.create(tenant=w["a"].tenant, job=w["job"], file=w["file"])
+    _assert_not_found(w["api_b"].get(f"/v1/fine_tuning/jobs/{w['job'].public_id}/evaluations/{evaluation.public_id}"))
+
+
 HTTP_PROBES = {
+    "api:job-evaluations": probe_job_evaluations,
+    "api:job-evaluation-detail": probe_job_evaluation_detail,
     "api:model-list": probe_model_list,
     "api:model-detail": probe_model_detail,
     "healthz": probe_healthz,

@@ -127,3 +127,36 @@ class JobStatusChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}: {self.from_status} -> {self.to_status} by {self.actor}"
+
+
+def _new_evaluation_id() -> str:
+    return new_public_id("fteval")
+
+
+class EvaluationStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ModelEvaluation(TenantOwnedModel):
+    """A succeeded job's model measured on a dataset of the tenant's choosing, on demand (a `gpu` worker runs it)."""
+
+    public_id = models.CharField(max_length=40, unique=True, default=_new_evaluation_id, editable=False)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="evaluations")
+    file = models.ForeignKey(File, on_delete=models.PROTECT, related_name="evaluations")
+    status = models.CharField(max_length=20, choices=EvaluationStatus.choices, default=EvaluationStatus.QUEUED)
+    max_examples = models.IntegerField(default=200)
+    examples = models.IntegerField(null=True, blank=True)
+    metrics = models.JSONField(null=True, blank=True)
+    samples = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.public_id

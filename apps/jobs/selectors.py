@@ -3,7 +3,7 @@ from django.db.models import Q, QuerySet
 from apps.datasets.models import File
 from apps.tenancy.models import Tenant
 
-from .models import FineTuningJob, JobEvent
+from .models import FineTuningJob, JobEvent, ModelEvaluation
 
 
 def job_list(*, tenant: Tenant) -> QuerySet[FineTuningJob]:
@@ -43,3 +43,11 @@ def files_trainable(*, tenant: Tenant) -> QuerySet[File]:
     """Files a job can use: still being checked, or checked and holding examples of a task the engine trains."""
     files = File.objects.for_tenant(tenant)
     return files.filter(status__in=("uploaded", "processed")).exclude(status="processed", task="")
+
+
+def job_evaluations(*, job: FineTuningJob) -> QuerySet[ModelEvaluation]:
+    return ModelEvaluation.objects.filter(tenant_id=job.tenant_id, job=job).select_related("job", "file")
+
+
+def job_evaluation_get(*, job: FineTuningJob, public_id: str) -> ModelEvaluation | None:
+    return job_evaluations(job=job).filter(public_id=public_id).first()

@@ -50,3 +50,20 @@ def job_to_json(job: FineTuningJob) -> dict:
             "train_loss": job.latest_train_loss,
         },
     }
+
+
+def evaluation_to_json(evaluation) -> dict:
+    return {
+        "object": "fine_tuning.job.evaluation",
+        "id": evaluation.public_id,
+        "job_id": evaluation.job.public_id,
+        "file": evaluation.file.public_id,
+        "status": evaluation.status,
+        "created_at": _unix(evaluation.created_at),
+        "finished_at": _unix(evaluation.finished_at),
+        "max_examples": evaluation.max_examples,
+        "examples": evaluation.examples,
+        "metrics": evaluation.metrics,
+        "samples": evaluation.samples,
+        "error": evaluation.error,
+    }

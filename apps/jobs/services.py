@@ -24,12 +24,13 @@ from workers.ml.callbacks import TrainingEvent
 from workers.ml.config import TrainingConfig
 from workers.ml.data.examples import DatasetTask
 from workers.ml.data.training_sets import engine_task_of
-from workers.ml.engine import run_training
+from workers.ml.engine import evaluate_saved_model, run_training
 from workers.ml.errors import TrainingDataError
 from workers.ml.generate import GenerationResult, generate_text
 
 from .models import (
     FINISHED_STATUSES,
+    EvaluationStatus,
     EventLevel,
     EventType,
     FineTuningJob,
@@ -37,6 +38,7 @@ from .models import (
     JobPhase,
     JobStatus,
     JobStatusChange,
+    ModelEvaluation,
 )
 from .realtime import publish_job_event, publish_job_update
 from .serialization import event_to_json, job_to_json
@@ -530,3 +532,78 @@ def job_generate(
     return generate_text(
         str(_local_model_dir(job)), prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed
     )
+
+
+MAX_EVALUATION_EXAMPLES = 2_000
+
+
+@transaction.atomic
+def evaluation_create(*, tenant: Tenant, job: FineTuningJob, file: File, max_examples: int = 200) -> ModelEvaluation:
+    """Queue a measurement of a succeeded job's model on one of the tenant's datasets."""
+    if job.tenant_id != tenant.pk or file.tenant_id != tenant.pk:
+        raise ApiError("No such job or file.", code="not_found", status_code=404)
+    if job.status != JobStatus.SUCCEEDED or not job.model_storage_prefix:
+        raise ApiError(
+            f"Job {job.public_id} has no model to evaluate yet (status: {job.status}).", code="model_not_ready"
+        )
+    if file.status == FileStatus.ERROR:
+        raise ApiError(f"File {file.public_id} failed validation: {file.status_details}", param="file")
+    if (
+        isinstance(max_examples, bool)
+        or not isinstance(max_examples, int)
+        or not 1 <= max_examples <= MAX_EVALUATION_EXAMPLES
+    ):
+        raise ApiError(
+            f"max_examples must be an integer between 1 and {MAX_EVALUATION_EXAMPLES}.", param="max_examples"
+        )
+    evaluation = ModelEvaluation.objects.create(tenant=tenant, job=job, file=file, max_examples=max_examples)
+    from workers.tasks.training import run_model_evaluation
+
+    evaluation_id = evaluation.pk
+    transaction.on_commit(lambda: run_model_evaluation.delay(evaluation_id))
+    return evaluation
+
+
+def evaluation_run(*, evaluation_id: int) -> None:
+    """Runs a queued evaluation once (a redelivered task finds it no longer queued and does nothing)."""
+    with transaction.atomic():
+        evaluation = (
+            ModelEvaluation.objects.select_for_update().filter(pk=evaluation_id, status=EvaluationStatus.QUEUED).first()
+        )
+        if evaluation is None:
+            return
+        evaluation.status = EvaluationStatus.RUNNING
+        evaluation.save(update_fields=["status"])
+    job, file = evaluation.job, evaluation.file
+    try:
+        mapping = {key: value for key, value in (file.column_mapping or {}).items() if value} or None
+        result = evaluate_saved_model(
+            str(_local_model_dir(job)),
+            str(file_local_path(file)),
+            data_filename=file.filename,
+            column_mapping=mapping,
+            max_examples=evaluation.max_examples,
+        )
+        evaluation.status = EvaluationStatus.SUCCEEDED
+        evaluation.examples = result["examples"]
+        evaluation.metrics = _json_finite(result["metrics"])
+        evaluation.samples = result["samples"]
+    except TrainingDataError as exc:
+        evaluation.status = EvaluationStatus.FAILED
+        evaluation.error = {"code": exc.code, "message": exc.message, "param": "file" if exc.param else None}
+    except Exception as exc:
+        logger.exception("evaluation %s crashed", evaluation.public_id)
+        evaluation.status = EvaluationStatus.FAILED
+        evaluation.error = {"code": "internal_error", "message": f"The evaluation stopped: {exc}", "param": None}
+    evaluation.finished_at = timezone.now()
+    evaluation.save(update_fields=["status", "examples", "metrics", "samples", "error", "finished_at"])
+
+
+def _json_finite(value):
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {key: _json_finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_finite(item) for item in value]
+    return value

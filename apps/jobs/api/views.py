@@ -8,9 +8,9 @@ from apps.core.api.pagination import cursor_page, parse_limit
 from apps.datasets.selectors import file_get
 
 from ..models import FineTuningJob
-from ..selectors import job_events_newest_first
-from ..serialization import event_to_json, job_to_json
-from ..services import job_cancel, job_create, job_generate, validate_base_model
+from ..selectors import job_evaluation_get, job_evaluations, job_events_newest_first
+from ..serialization import evaluation_to_json, event_to_json, job_to_json
+from ..services import evaluation_create, job_cancel, job_create, job_generate, validate_base_model
 
 
 def _require_string(data, name: str, *, required: bool = True, default: str = "") -> str:
@@ -127,3 +127,35 @@ class JobGenerateView(TenantAPIView):
                 },
             }
         )
+
+
+class JobEvaluationListCreateView(TenantAPIView):
+    """Tunehouse extension: measure a succeeded job's model on any of the tenant's datasets of its task."""
+
+    model = FineTuningJob
+
+    def get(self, request, public_id):
+        job = self.get_object()
+        evaluations = job_evaluations(job=job)
+        return Response({"object": "list", "data": [evaluation_to_json(evaluation) for evaluation in evaluations]})
+
+    def post(self, request, public_id):
+        job = self.get_object()
+        file_id = _require_string(request.data, "file")
+        file = file_get(tenant=self.tenant, public_id=file_id)
+        if file is None:
+            raise ApiError(f"No such file: {file_id}.", code="not_found", param="file", status_code=404)
+        evaluation = evaluation_create(
+            tenant=self.tenant, job=job, file=file, max_examples=request.data.get("max_examples", 200)
+        )
+        return Response(evaluation_to_json(evaluation))
+
+
+class JobEvaluationDetailView(TenantAPIView):
+    model = FineTuningJob
+
+    def get(self, request, public_id, evaluation_id):
+        evaluation = job_evaluation_get(job=self.get_object(), public_id=evaluation_id)
+        if evaluation is None:
+            raise ApiError(f"No such evaluation: {evaluation_id}.", code="not_found", status_code=404)
+        return Response(evaluation_to_json(evaluation))

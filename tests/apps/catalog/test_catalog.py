@@ -207,3 +207,51 @@ def test_lora_job_on_smollm2_through_real_workers(offline_models, celery_workers
         f"/v1/fine_tuning/jobs/{job['id']}/generate", {"prompt": "What is 2 + 2?", "max_tokens": 8}, format="json"
     )
     assert generated.status_code == 200, generated.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trained_model_is_evaluated_on_demand_on_another_dataset(celery_workers, tenant_a, samples, tmp_path):
+    client = tenant_a.api()
+    train = _upload(client, samples["sentiment.csv"])
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        {"model": "gpt2-tiny", "training_file": train["id"], "hyperparameters": {"max_steps": 10}},
+        format="json",
+    ).json()
+    too_early = client.post(f"/v1/fine_tuning/jobs/{created['id']}/evaluations", {"file": train["id"]}, format="json")
+    assert too_early.status_code == 400 and too_early.json()["error"]["code"] == "model_not_ready"
+    job = wait_for(
+        client, f"/v1/fine_tuning/jobs/{created['id']}", lambda job: job["status"] in {"succeeded", "failed"}, 180
+    )
+    assert job["status"] == "succeeded", job["error"]
+
+    # Another file of the same labels: held-out reviews written for this test.
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text(
+        "text,label\n"
+        + "".join(f"The service was wonderful {index} and I loved it.,positive\n" for index in range(6))
+        + "".join(f"The room was awful {index} and I want my money back.,negative\n" for index in range(6))
+    )
+    other = _upload(client, str(held_out))
+    evaluations = f"/v1/fine_tuning/jobs/{job['id']}/evaluations"
+    queued = client.post(evaluations, {"file": other["id"], "max_examples": 10}, format="json")
+    assert queued.status_code == 200, queued.content
+    assert queued.json()["status"] == "queued" and queued.json()["object"] == "fine_tuning.job.evaluation"
+    done = wait_for(
+        client, f"{evaluations}/{queued.json()['id']}", lambda body: body["status"] in {"succeeded", "failed"}, 120
+    )
+    assert done["status"] == "succeeded", done["error"]
+    assert done["examples"] == 10 and 0 <= done["metrics"]["accuracy"] <= 1
+    assert sum(map(sum, done["metrics"]["confusion_matrix"]["matrix"])) == 10
+    assert {"input", "reference", "prediction", "correct"} <= set(done["samples"][0])
+    assert [item["id"] for item in client.get(evaluations).json()["data"]] == [queued.json()["id"]]
+
+    # A dataset of another task fails the evaluation with the reason, not the server.
+    translation = _upload(client, samples["translation.tsv"])
+    wrong = client.post(evaluations, {"file": translation["id"]}, format="json").json()
+    failed = wait_for(
+        client, f"{evaluations}/{wrong['id']}", lambda body: body["status"] in {"succeeded", "failed"}, 120
+    )
+    assert failed["status"] == "failed" and failed["error"]["code"] == "training_file_task_mismatch"
+    bad_count = client.post(evaluations, {"file": other["id"], "max_examples": 0}, format="json")
+    assert bad_count.status_code == 400 and bad_count.json()["error"]["param"] == "max_examples"
