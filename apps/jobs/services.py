@@ -136,8 +136,11 @@ def resolve_hyperparameters(hyperparameters: dict | None, *, entry: CatalogModel
     for name in _PLATFORM_OWNED_FIELDS:
         resolved.pop(name, None)
     if "task" not in hyperparameters and task is None:
-        # Not decided yet: the training file's task, once it is checked, decides it.
+        # Not decided yet: the training file's task, once it is checked, decides it, and the defaults that follow
+        # from the task (dropout) are left to the run.
         resolved.pop("task")
+        if "dropout" not in hyperparameters:
+            resolved.pop("dropout", None)
     return resolved
 
 
