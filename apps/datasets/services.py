@@ -285,10 +285,11 @@ def file_preview(
 
 
 def _catalog_tokenizer(model_id: str):
+    from apps.catalog.models import EntryKind
     from apps.catalog.selectors import catalog_entry_ready, catalog_get, catalog_model_folder
 
     entry = catalog_get(model_id=model_id)
-    if entry is None or entry.kind != "pretrained":
+    if entry is None or entry.kind != EntryKind.PRETRAINED:
         raise ApiError(
             f"No such tokenizer: {model_id}. Use one of your tokenizers (tok-…) or a pretrained catalog model id.",
             code="not_found",

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apps.catalog.models import CatalogModel
+from apps.catalog.models import CatalogModel, EntryKind
 from apps.catalog.selectors import catalog_entry_ready, catalog_get, catalog_list, catalog_training_base
 from apps.core.api.errors import ApiError
 from apps.core.storage import local_copy_of_prefix, object_store, tenant_key
@@ -24,7 +24,6 @@ from workers.ml.callbacks import TrainingEvent
 from workers.ml.config import TrainingConfig
 from workers.ml.data.examples import DatasetTask
 from workers.ml.data.training_sets import engine_task_of
-from workers.ml.engine import evaluate_saved_model, run_training
 from workers.ml.errors import TrainingDataError
 from workers.ml.generate import GenerationResult, generate_text
 
@@ -114,13 +113,13 @@ def resolve_hyperparameters(hyperparameters: dict | None, *, entry: CatalogModel
     if mode is not None and not isinstance(mode, str):
         raise ApiError("hyperparameters.mode must be a string.", param="hyperparameters.mode")
     base = catalog_training_base(entry, mode=mode)
-    if entry.kind == "pretrained" and base["mode"] == "from_scratch":
+    if entry.kind == EntryKind.PRETRAINED and base["mode"] == "from_scratch":
         raise ApiError(
             f"{entry.model_id} is a pretrained model: fine-tune it with mode full, lora or qlora, or pick an "
             "architecture entry (such as gpt2-tiny) to train from scratch.",
             param="hyperparameters.mode",
         )
-    if entry.kind == "architecture" and mode not in (None, "from_scratch"):
+    if entry.kind == EntryKind.ARCHITECTURE and mode not in (None, "from_scratch"):
         raise ApiError(
             f"{entry.model_id} is an architecture trained from scratch; it has no weights to fine-tune with {mode}.",
             param="hyperparameters.mode",
@@ -441,7 +440,8 @@ def _final_metrics(result) -> dict:
     scalars = {name: value for name, value in result.final_metrics.items() if isinstance(value, int | float)}
     scalars["train_loss"] = result.final_train_loss
     scalars["steps"] = result.steps_completed
-    return {name: value for name, value in scalars.items() if value == value}  # NaN is not JSON
+    # NaN (no step ran) is not JSON: such a metric is left out.
+    return {name: value for name, value in _json_finite(scalars).items() if value is not None}
 
 
 def job_run(*, job_id: int) -> None:
@@ -460,6 +460,8 @@ def job_run(*, job_id: int) -> None:
         train_path = file_local_path(job.training_file)
         FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
         config = TrainingConfig.from_dict(_training_config(job, train_path=train_path, work_dir=work_dir))
+        from workers.ml.engine import run_training  # the engine (peft, scikit-learn) loads on workers only
+
         result = run_training(config, progress)
         if progress.stop_reason == "fenced":
             logger.warning("job %s attempt %s: superseded by a newer attempt, stopping", job.public_id, attempt)
@@ -580,6 +582,8 @@ def evaluation_run(*, evaluation_id: int) -> None:
     job, file = evaluation.job, evaluation.file
     try:
         mapping = {key: value for key, value in (file.column_mapping or {}).items() if value} or None
+        from workers.ml.engine import evaluate_saved_model  # on workers only, as in job_run
+
         result = evaluate_saved_model(
             str(_local_model_dir(job)),
             str(file_local_path(file)),

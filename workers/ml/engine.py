@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as functional
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
 from workers.ml import metrics, modeling
@@ -527,11 +527,12 @@ def _fit_batch_size(
     effective = batch_size * accumulation
     while batch_size >= 1:
         try:
-            # The longest rows of the data are the worst case for memory.
-            lengths = torch.tensor([len(ids) for ids in source.tokenized.input_ids])
-            indices = torch.argsort(lengths, descending=True)[:batch_size]
+            # The longest rows are the worst case for memory; packed rows are all max_length long.
             if source.packed is not None:
                 indices = torch.arange(min(batch_size, source.row_count))
+            else:
+                lengths = torch.tensor([len(ids) for ids in source.tokenized.input_ids])
+                indices = torch.argsort(lengths, descending=True)[:batch_size]
             with autocast:
                 loss = _summed_loss(model, source.collate(indices), config.task, device)
             loss.backward()
@@ -1168,4 +1169,4 @@ def _load_for_evaluation(folder: Path, task: str, label_names: list[str] | None)
     return modeling.load_pretrained(folder, task=task, num_labels=num_labels, id2label=id2label)
 
 
-__all__ = ["EngineResult", "PreTrainedModel", "REPORT_FILENAME", "evaluate_saved_model", "run_training"]
+__all__ = ["EngineResult", "REPORT_FILENAME", "evaluate_saved_model", "run_training"]
