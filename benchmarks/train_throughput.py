@@ -30,10 +30,15 @@ Peak memory: ``peak_rss_mb`` is the subprocess's peak resident memory (ru_maxrss
 its memory after imports; on CUDA ``peak_cuda_allocated_mb`` is torch.cuda.max_memory_allocated. On CUDA ``mfu`` is
 6 x parameters x tokens_per_second / 989e12 (the bf16 dense peak of an H100/H200 SXM).
 
-Defaults on a CPU: model "mini", max_length 256, batch 8, fp32, torch threads = half the cores (what the engine uses
-on a CPU, and never more: the engine lowers a higher count). On CUDA the reference setting: "base" (GPT-2 ~124M with
-a ~50k vocabulary), max_length 1024, batch 16, bf16 (the engine's precision "auto", the Trainer's bf16=True), and
-torch.compile for the engine where it compiles (compile "auto").
+Defaults on a CPU: model "mini", max_length 256, batch 8, torch threads = half the cores (what the engine uses on a
+CPU, and never more: the engine lowers a higher count). On CUDA the reference setting: "base" (GPT-2 ~124M with a ~50k
+vocabulary), max_length 1024, batch 16, and torch.compile for the engine where it compiles (compile "auto").
+
+Precision (``--precision best``): the engine runs bf16 autocast where the device has bf16 kernels — CUDA GPUs that
+support it, and CPUs whose oneDNN has them (AVX512-BF16 / AMX: the engine's precision "bf16", which a job sets; its
+"auto" stays fp32 on a CPU). ``baseline`` is the Trainer at its stock precision: its default fp32 on a CPU, bf16 on
+CUDA. When the two differ, ``baseline_same_precision`` is the Trainer given the engine's precision too
+(``bf16=True``), and ``speedup_same_precision`` what is left of the speed-up once precision is equal.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ def _training_config(spec: dict[str, Any]):
         warmup_steps=spec["warmup_steps"],
         log_every_steps=1,
         compile=spec["compile"],
+        precision=spec["precision"],
         seed=spec["seed"],
         device=spec["device"],
     )
@@ -388,6 +394,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, in turn; the best is reported")
     parser.add_argument("--threads", type=int, help="torch threads on CPU; default and maximum: half the cores")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="the engine's compile")
+    parser.add_argument(
+        "--precision",
+        choices=("best", "fp32", "bf16"),
+        default="best",
+        help="the engine's precision; best: bf16 where the device has bf16 kernels (CUDA, or a CPU whose oneDNN has "
+        "them), else fp32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
     if arguments.warmup_steps < 1 or arguments.steps < 1 or arguments.repeats < 1:
@@ -407,7 +420,10 @@ def main() -> None:
     if not cuda:
         engine_threads = max(1, (os.cpu_count() or 2) // 2)
         threads = min(arguments.threads or engine_threads, engine_threads)
-    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    native_bf16 = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    precision = arguments.precision if arguments.precision != "best" else ("bf16" if native_bf16 else "fp32")
+    # The stock Trainer's precision: its default fp32 on a CPU; bf16 on CUDA, the reference setting.
+    stock_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     documents = arguments.documents or (20_000 if cuda else 4_000)
     vocab_size = arguments.vocab_size or (50_257 if cuda else 8_192)
 
@@ -436,12 +452,19 @@ def main() -> None:
             "threads": threads,
             "precision": precision,
         }
+        # The Trainer at its stock precision and, when the engine runs another one, also at the engine's: the
+        # speed-up then splits into what precision gives and what the engine's own work gives.
+        baseline_specs = {"baseline": dict(spec, precision=stock_precision)}
+        if precision != stock_precision:
+            baseline_specs["baseline_same_precision"] = spec
         started = time.perf_counter()
-        baseline_runs, ours_runs = [], []
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in (*baseline_specs, "ours")}
         for _ in range(arguments.repeats):
-            baseline_runs.append(_run_side("baseline", spec, folder))
-            ours_runs.append(_run_side("ours", spec, folder))
+            for side, side_spec in baseline_specs.items():
+                runs[side].append(_run_side("baseline", side_spec, folder))
+            runs["ours"].append(_run_side("ours", spec, folder))
         wall_seconds = time.perf_counter() - started
+        ours_runs, baseline_runs = runs["ours"], runs["baseline"]
 
     ours, baseline = ours_runs[0], baseline_runs[0]
     if ours["parameters"] != baseline["parameters"] or ours["vocab_size"] != baseline["vocab_size"]:
@@ -451,6 +474,7 @@ def main() -> None:
     speedup = ours_summary["tokens_per_second"] / baseline_summary["tokens_per_second"]
     report: dict[str, Any] = {
         "benchmark": "useful (non-padding) training tokens per second: packed engine vs HF Trainer with padding",
+        "precision": {"ours": precision, "baseline": stock_precision},
         "device": device,
         "device_name": _device_name(device),
         "architecture": "gpt2",
@@ -473,6 +497,12 @@ def main() -> None:
         "speedup": round(speedup, 2),
         "wall_seconds": round(wall_seconds, 1),
     }
+    if "baseline_same_precision" in runs:
+        same_precision = _summary(runs["baseline_same_precision"], cuda, arguments.steps)
+        report["baseline_same_precision"] = same_precision
+        report["speedup_same_precision"] = round(
+            ours_summary["tokens_per_second"] / same_precision["tokens_per_second"], 2
+        )
     if not cuda:
         report["goal_speedup"] = _GOAL_CPU_SPEEDUP
         report["goal_met"] = speedup >= _GOAL_CPU_SPEEDUP

@@ -6,7 +6,8 @@ imports no Django: data comes from local paths, progress leaves through the call
 
 Speed comes from doing no wasted work: causal-LM rows are packed with per-example attention (no padding, no
 attention across examples), other tasks are padded per batch with length grouping, the loss is computed once in
-fp32 over trained targets only, AdamW uses fused kernels on CUDA, bf16 autocast where the GPU supports it, and
+fp32 over trained targets only (for causal LMs fused with the output projection, chunk by chunk: no full-vocabulary
+logits, see ``fused_loss``), AdamW uses fused kernels on CUDA, bf16 autocast where the GPU supports it, and
 ``torch.compile`` on CUDA where shapes are fixed.
 """
 
@@ -29,7 +30,7 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import metrics, modeling
+from workers.ml import fused_loss, metrics, modeling
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -489,6 +490,11 @@ def _summed_loss(model: torch.nn.Module, batch: Batch, task: str, device: torch.
         logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=targets).logits
     else:
         position_ids = batch.position_ids.to(device, non_blocking=True) if batch.position_ids is not None else None
+        fused = fused_loss.fused_parts(model)
+        if fused is not None:
+            body, projection = fused
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return fused_loss.summed_linear_cross_entropy(hidden.last_hidden_state, projection, targets)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -1070,7 +1076,14 @@ def _maybe_compile(
     # Compiling pays on a GPU with fixed shapes (packed rows are all max_length long); on a CPU, and with per-batch
     # padding (a new shape per batch means a recompile), it costs more than a short run gains.
     wanted = config.compile == "on" or (config.compile == "auto" and device.type == "cuda" and packed)
-    return torch.compile(model) if wanted else model
+    if not wanted:
+        return model
+    fused = fused_loss.fused_parts(model) if config.task == "causal_lm" else None
+    if fused is not None:
+        # The fused loss calls the body directly: compile the body in place (every call to it runs compiled).
+        fused[0].compile()
+        return model
+    return torch.compile(model)
 
 
 def _limit_cpu_threads() -> None:

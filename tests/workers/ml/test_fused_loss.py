@@ -1,0 +1,118 @@
+"""The fused, chunked output projection + cross-entropy gives the stock head's loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from workers.ml import fused_loss, modeling
+from workers.ml.data.templates import IGNORE_INDEX
+
+VOCAB = 300
+
+
+def _gpt2(task: str = "causal_lm") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return modeling.build_from_scratch(
+        architecture="gpt2", size="tiny", task=task, vocab_size=VOCAB, max_length=64, init="normal", dropout=0.0,
+        num_labels=2 if task == "classification" else None,
+    )  # fmt: skip
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (3, 64), generator=generator)
+    targets = input_ids.roll(-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    targets[0, :20] = IGNORE_INDEX  # a prompt the loss skips
+    targets[2, :] = IGNORE_INDEX  # a row with nothing to train
+    # Two packed documents per row: positions restart at 30.
+    position_ids = torch.cat([torch.arange(30), torch.arange(34)]).repeat(3, 1)
+    return input_ids, targets, position_ids
+
+
+def _losses_and_gradients(model: torch.nn.Module, *, fused: bool, bf16: bool = False):
+    input_ids, targets, position_ids = _batch()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if fused:
+            parts = fused_loss.fused_parts(model)
+            assert parts is not None
+            body, projection = parts
+            hidden = body(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+            loss = fused_loss.summed_linear_cross_entropy(hidden, projection, targets)
+        else:
+            logits = model(input_ids=input_ids, position_ids=position_ids).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, VOCAB), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+    (loss / 7).backward()
+    gradients = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    return loss.detach(), gradients
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2-tied-head", "llama-untied-head"])
+def test_fused_loss_equals_the_stock_head_in_fp32(build, monkeypatch):
+    # A small chunk budget, so that the rows really are split into several chunks.
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 16 * VOCAB * 4)
+    model = build()
+    stock_loss, stock_gradients = _losses_and_gradients(model, fused=False)
+    fused, fused_gradients = _losses_and_gradients(model, fused=True)
+
+    torch.testing.assert_close(fused, stock_loss, rtol=1e-6, atol=1e-4)
+    assert fused_gradients.keys() == stock_gradients.keys()
+    for name, gradient in stock_gradients.items():
+        torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_follows_bf16_autocast_like_the_stock_head():
+    model = _gpt2()
+    stock_loss, stock_gradients = _losses_and_gradients(model, fused=False, bf16=True)
+    fused, fused_gradients = _losses_and_gradients(model, fused=True, bf16=True)
+
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, stock_loss, rtol=2e-3, atol=0.0)
+    for name, gradient in stock_gradients.items():
+        relative = (fused_gradients[name] - gradient).norm() / gradient.norm().clamp_min(1e-12)
+        assert relative < 0.03, name
+
+
+def test_fused_loss_is_deterministic():
+    model = _gpt2()
+    first = _losses_and_gradients(model, fused=True)
+    second = _losses_and_gradients(model, fused=True)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(first[1][name], second[1][name]) for name in first[1])
+
+
+def test_only_plain_causal_heads_take_the_fused_path():
+    assert fused_loss.fused_parts(_gpt2()) is not None
+    assert fused_loss.fused_parts(_gpt2(task="classification")) is None
+    bert = modeling.build_from_scratch(
+        architecture="bert", size="tiny", task="classification", vocab_size=VOCAB, max_length=64, init="normal",
+        num_labels=2,
+    )  # fmt: skip
+    assert fused_loss.fused_parts(bert) is None
+
+
+def test_lora_adapters_train_through_the_fused_path():
+    model = modeling.apply_lora(_gpt2(), task="causal_lm", r=4, alpha=8, dropout=0.0, target_modules=None)
+    stock_loss, stock_gradients = _losses_and_gradients(model, fused=False)
+    fused, fused_gradients = _losses_and_gradients(model, fused=True)
+
+    torch.testing.assert_close(fused, stock_loss, rtol=1e-6, atol=1e-4)
+    assert stock_gradients and all("lora_" in name for name in stock_gradients)
+    for name, gradient in stock_gradients.items():
+        torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,105 @@
+"""The output projection and the cross-entropy of a causal language model, fused and computed in chunks of rows.
+
+The stock path materialises the logits of every position — ``rows x vocabulary`` — then an fp32 copy of them, their
+log-softmax and, in the backward pass, a gradient of the same size: with a 50k vocabulary that is the largest tensor of
+a training step by far, and on a CPU the log-softmax alone costs about a sixth of a step. Here the rows are taken a
+chunk at a time: the chunk's logits are computed (in the autocast dtype, like the stock head), their log-sum-exp and
+the target's logit give the loss in fp32, and since the loss is the end of the graph, its gradient with respect to the
+logits (``softmax - one_hot``) is known at once and turned into the gradients of the hidden states and of the
+projection weight right there. Nothing of size ``rows x vocabulary`` outlives a chunk, and nothing is recomputed in the
+backward pass, which only scales the stored gradients. Rows whose target is ignored (prompt tokens under
+``train_on="completion"``, padding) are dropped before the projection, so they cost nothing.
+
+Numerically it is the stock head followed by ``cross_entropy(logits.float(), targets, reduction="sum")`` up to float
+rounding (tests/workers/ml/test_fused_loss.py compares loss and gradients with it), and it is deterministic: the
+chunks are visited in order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.ml.data.templates import IGNORE_INDEX
+
+# Model types whose causal LM is ``base_model`` followed by a bias-free linear ``lm_head`` applied as is: no logit
+# scaling, soft-capping or extra head layers (those keep the stock path).
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+# Bytes of fp32 logits per chunk: small enough to stay in a CPU's cache hierarchy, large enough for fast matmuls.
+_CHUNK_BYTES = {"cpu": 4 * 2**20, "default": 256 * 2**20}
+
+
+def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Parameter] | None:
+    """The body (returns ``last_hidden_state``) and output projection weight of ``model`` when the fused loss can
+    replace its head, else None. Works through ``torch.compile`` wrappers and peft adapters; an ``lm_head`` that peft
+    wraps (adapted or trained as a module to save) is not a plain Linear, so it keeps the stock path."""
+    model = getattr(model, "_orig_mod", model)
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):  # a peft model: the transformers model inside it, adapters injected in place
+        model = get_base_model()
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = getattr(model, "lm_head", None)
+    body = getattr(model, "base_model", None)
+    if type(head) is not nn.Linear or head.bias is not None or body is None or body is model:
+        return None
+    return body, head.weight
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        compute_dtype: torch.dtype,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        projection = weight.to(compute_dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        trained_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        for start in range(0, trained_rows.numel(), chunk_rows):
+            rows = trained_rows[start : start + chunk_rows]
+            inputs = hidden.index_select(0, rows).to(compute_dtype)
+            chunk_targets = targets.index_select(0, rows).unsqueeze(1)
+            logits = (inputs @ projection.t()).float()
+            log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss += (log_normaliser - logits.gather(1, chunk_targets)).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), computed in place of the logits.
+            probabilities = logits.sub_(log_normaliser).exp_()
+            probabilities.scatter_add_(1, chunk_targets, torch.full_like(chunk_targets, -1.0, dtype=torch.float32))
+            gradient = probabilities.to(compute_dtype)
+            grad_hidden.index_copy_(0, rows, (gradient @ projection).to(hidden.dtype))
+            # Summed in fp32 chunk by chunk (the stock head sums all rows in the compute dtype).
+            grad_weight.add_((gradient.t() @ inputs).float())
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad_loss.to(grad_hidden.dtype)
+        return grad_hidden * scale, grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
+
+
+def summed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over the targets that are not ``IGNORE_INDEX`` of the cross-entropy of ``hidden @ weight.T``, in fp32.
+
+    ``hidden`` is ``(..., width)`` and ``targets`` the matching ``(...)`` (already shifted: the target of a position
+    is the next token). The projection runs in the autocast dtype when autocast is on for the device, else in the
+    weight's dtype. The gradients are computed during the forward pass: call ``backward`` on this loss (or a multiple
+    of it) once, as a training step does.
+    """
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES["default"])
+    chunk_rows = max(1, budget // (4 * weight.size(0)))
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), compute_dtype, chunk_rows)
