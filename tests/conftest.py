@@ -74,6 +74,8 @@ def service_env(django_db_setup, django_db_blocker, tmp_path_factory) -> dict:
     env = dict(os.environ)
     env["DATABASE_URL"] = _test_database_url()
     env["PYTHONUNBUFFERED"] = "1"
+    # Leases that expire in seconds, not a minute: the fault tests wait for a killed worker's lease to run out.
+    env.update(JOB_HEARTBEAT_SECONDS="0.5", JOB_LEASE_SECONDS="5", JOB_RECOVERY_INTERVAL_SECONDS="1")
     yield env
     _drop_leftover_sessions(django_db_blocker)
 

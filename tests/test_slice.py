@@ -61,7 +61,7 @@ def test_text_file_trains_a_model_through_real_workers(celery_workers, tenant_a)
     # Throttled to chart resolution (every 5 steps), in order, and the loss went down.
     assert [event["data"]["step"] for event in metrics] == list(range(5, 31, 5))
     assert metrics[-1]["data"]["train_loss"] < metrics[0]["data"]["train_loss"]
-    assert events[0]["message"] == "The job has successfully completed"
+    assert events[0]["message"] == "The job has successfully completed", [event["message"] for event in events[:8]]
 
     stored = object_store().list_keys(f"tenants/{tenant_a.tenant.pk}/models/{created['id']}/")
     names = {key.rsplit("/", 1)[-1] for key in stored}

@@ -11,7 +11,8 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.core.storage import object_store, tenant_key
 from apps.datasets.models import File, Tokenizer
-from apps.jobs.models import FineTuningJob, JobStatus, ModelEvaluation
+from apps.jobs.models import FineTuningJob, JobCheckpoint, JobStatus, ModelEvaluation
+from apps.jobs.serialization import fine_tuned_model_name
 from apps.jobs.services import job_create, job_event_record
 from apps.tenancy.models import ApiKey
 from tunehouse.asgi import application
@@ -232,6 +233,27 @@ def probe_job_generate(w):
     _assert_not_found(response)
 
 
+def probe_job_checkpoints(w):
+    JobCheckpoint.objects.create(tenant=w["a"].tenant, job=w["job"], step_number=5, metrics={"train_loss": 1.0})
+    path = f"/v1/fine_tuning/jobs/{w['job'].public_id}/checkpoints"
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(path))
+
+
+def probe_job_pause(w):
+    FineTuningJob.objects.filter(pk=w["job"].pk).update(status=JobStatus.QUEUED)
+    _assert_not_found(w["api_b"].post(f"/v1/fine_tuning/jobs/{w['job'].public_id}/pause"))
+    w["job"].refresh_from_db()
+    assert w["job"].status == JobStatus.QUEUED and not w["job"].pause_requested
+
+
+def probe_job_resume(w):
+    FineTuningJob.objects.filter(pk=w["job"].pk).update(status=JobStatus.PAUSED)
+    _assert_not_found(w["api_b"].post(f"/v1/fine_tuning/jobs/{w['job'].public_id}/resume"))
+    w["job"].refresh_from_db()
+    assert w["job"].status == JobStatus.PAUSED
+
+
 def probe_dashboard_home(w):
     response = w["browser_b"].get("/")
     assert response.status_code == 200
@@ -291,21 +313,40 @@ def probe_ws_tenant_events(w):
     async_to_sync(run)()
 
 
+def _fine_tuned_model_of_a(w) -> str:
+    """A's job, finished: its model is A's, listed and retrievable by A only."""
+    job = w["job"]
+    FineTuningJob.objects.filter(pk=job.pk).update(
+        status=JobStatus.SUCCEEDED, fine_tuned_model=fine_tuned_model_name(job)
+    )
+    return fine_tuned_model_name(job)
+
+
 def probe_model_list(w):
-    # The catalog is shared by every tenant; it never lists a tenant's fine-tuned models or files.
+    # The catalog is shared by every tenant; a fine-tuned model is listed to its own tenant only.
+    model_id = _fine_tuned_model_of_a(w)
     for client in (w["api_b"], w["browser_b"]):
         response = client.get("/v1/models")
         assert response.status_code == 200 and any(m["id"] == "gpt2-tiny" for m in response.json()["data"])
         _assert_no_leak(response, w)
+        assert model_id.encode() not in response.content
     assert Client().get("/v1/models").status_code == 401
+    own = Client(HTTP_AUTHORIZATION=f"Bearer {w['a'].api_key}").get("/v1/models").json()["data"]
+    assert model_id in {m["id"] for m in own}
 
 
 def probe_model_detail(w):
     response = w["api_b"].get("/v1/models/gpt2-tiny")
     assert response.status_code == 200
     _assert_no_leak(response, w)
-    # A's fine-tuned model name is not a catalog entry for B (nor for A: fine-tuned models are jobs' results).
+    model_id = _fine_tuned_model_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        # The 404 echoes the name B asked for, nothing of A's.
+        response = client.get(f"/v1/models/{model_id}")
+        _assert_not_found(response)
+        _assert_no_leak(response, w)
     _assert_not_found(w["api_b"].get(f"/v1/models/{w['job'].public_id}"))
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {w['a'].api_key}").get(f"/v1/models/{model_id}").status_code == 200
 
 
 def probe_job_evaluations(w):
@@ -320,7 +361,57 @@ def probe_job_evaluation_detail(w):
     _assert_not_found(w["api_b"].get(f"/v1/fine_tuning/jobs/{w['job'].public_id}/evaluations/{evaluation.public_id}"))
 
 
+def _webhook_endpoint_of_a(w):
+    from apps.webhooks.models import WebhookEndpoint
+
+    return WebhookEndpoint.objects.create(tenant=w["a"].tenant, url="https://a.example/secret-webhook-receiver")
+
+
+def _assert_webhook_endpoint_hidden(response, endpoint):
+    for secret in (endpoint.public_id, endpoint.url, endpoint.secret):
+        assert secret.encode() not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def probe_webhook_list(w):
+    endpoint = _webhook_endpoint_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/webhooks")
+        assert response.status_code == 200
+        _assert_webhook_endpoint_hidden(response, endpoint)
+    # B's own endpoint lands in B's tenant and shows none of A's.
+    response = w["api_b"].post("/v1/webhooks", {"url": "https://b.example/hook"}, content_type="application/json")
+    assert response.status_code == 200
+    _assert_webhook_endpoint_hidden(response, endpoint)
+    assert type(endpoint).objects.for_tenant(w["a"].tenant).count() == 1
+
+
+def probe_webhook_detail(w):
+    endpoint = _webhook_endpoint_of_a(w)
+    path = f"/v1/webhooks/{endpoint.public_id}"
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(path))
+        _assert_not_found(client.delete(path))
+    assert type(endpoint).objects.filter(pk=endpoint.pk).exists()
+
+
+def probe_webhook_deliveries(w):
+    from apps.webhooks.models import WebhookDelivery
+
+    endpoint = _webhook_endpoint_of_a(w)
+    WebhookDelivery.objects.create(
+        tenant=w["a"].tenant,
+        endpoint=endpoint,
+        event_type="fine_tuning.job.succeeded",
+        payload={"type": "fine_tuning.job.succeeded", "data": {"id": w["job"].public_id}},
+    )
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(f"/v1/webhooks/{endpoint.public_id}/deliveries"))
+
+
 HTTP_PROBES = {
+    "api:webhook-list": probe_webhook_list,
+    "api:webhook-detail": probe_webhook_detail,
+    "api:webhook-deliveries": probe_webhook_deliveries,
     "api:job-evaluations": probe_job_evaluations,
     "api:job-evaluation-detail": probe_job_evaluation_detail,
     "api:model-list": probe_model_list,
@@ -342,6 +433,12 @@ HTTP_PROBES = {
     "api:job-events": probe_job_events,
     "api:job-cancel": probe_job_cancel,
     "api:job-generate": probe_job_generate,
+    "api:job-checkpoints": probe_job_checkpoints,
+    "api:job-pause": probe_job_pause,
+    "api:job-resume": probe_job_resume,
+    # The schema and its docs page are public (see SPECTACULAR_SETTINGS): they hold no tenant's data.
+    "api:openapi-schema": probe_public_page("/v1/openapi.json"),
+    "api:docs": probe_public_page("/v1/docs"),
     "dashboard:home": probe_dashboard_home,
     "dashboard:login": probe_public_page("/login/"),
     "dashboard:logout": probe_logout,

@@ -35,9 +35,18 @@ class JobPhase(models.TextChoices):
 
     WAITING_FOR_FILES = "waiting_for_files"
     WAITING_FOR_WORKER = "waiting_for_worker"
+    # Queued but held back: the tenant already runs as many jobs as its limit allows.
+    WAITING_FOR_SLOT = "waiting_for_slot"
     PREPARING = "preparing"
+    TOKENIZING = "tokenizing"
     TRAINING = "training"
+    EVALUATING = "evaluating"
     SAVING = "saving"
+    # Stopping between steps to write a checkpoint (pause, worker shutdown).
+    CHECKPOINTING = "checkpointing"
+    PAUSED = "paused"
+    AUDITING = "auditing"
+    AWAITING_REVIEW = "awaiting_review"
     DONE = "done"
 
 
@@ -56,6 +65,9 @@ class FineTuningJob(TenantOwnedModel):
     error = models.JSONField(null=True, blank=True)
     fine_tuned_model = models.CharField(max_length=200, blank=True, default="")
     model_storage_prefix = models.CharField(max_length=300, blank=True, default="")
+    # The job's training data read, split and tokenized by a `cpu` worker (workers.ml.prepared), in the object store;
+    # empty until then. A `gpu` worker only ever starts on prepared data.
+    prepared_data_prefix = models.CharField(max_length=300, blank=True, default="")
     trained_tokens = models.BigIntegerField(null=True, blank=True)
     # The final evaluation (validation loss, accuracy/F1, BLEU...) and training loss of a succeeded job.
     metrics = models.JSONField(null=True, blank=True)
@@ -64,6 +76,11 @@ class FineTuningJob(TenantOwnedModel):
     total_steps = models.IntegerField(default=0)
     latest_train_loss = models.FloatField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)
+    pause_requested = models.BooleanField(default=False)
+    # Up to 16 string pairs of the caller's own (OpenAI's `metadata`), echoed back and filterable.
+    metadata = models.JSONField(default=dict, blank=True)
+    # When a task was last sent to the broker for this job; None while it waits for a slot of its tenant.
+    dispatched_at = models.DateTimeField(null=True, blank=True)
     # Lease: the attempt number is the fencing token. An executor whose attempt is no longer the job's stops.
     attempt = models.IntegerField(default=0)
     lease_owner = models.CharField(max_length=200, blank=True, default="")
@@ -83,6 +100,47 @@ class FineTuningJob(TenantOwnedModel):
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
+
+
+def _new_checkpoint_id() -> str:
+    return new_public_id("ftckpt")
+
+
+class JobCheckpoint(TenantOwnedModel):
+    """A complete checkpoint of a job (OpenAI's `fine_tuning.job.checkpoint`): its step, the metrics at that step and
+    where its files lie in the object store (weights, optimizer and data-order state: a job resumes from it on any
+    machine, and it can be evaluated or deployed on its own)."""
+
+    public_id = models.CharField(max_length=40, unique=True, default=_new_checkpoint_id, editable=False)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="checkpoints")
+    step_number = models.IntegerField()
+    metrics = models.JSONField(default=dict, blank=True)
+    attempt = models.IntegerField(default=0)
+    storage_prefix = models.CharField(max_length=300, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-step_number", "-id"]
+        constraints = [models.UniqueConstraint(fields=["job", "step_number"], name="one_checkpoint_per_job_step")]
+
+    def __str__(self) -> str:
+        return f"{self.public_id} (step {self.step_number})"
+
+
+class IdempotencyKey(TenantOwnedModel):
+    """An `Idempotency-Key` a client sent with a job creation: the same key again returns the same job."""
+
+    key = models.CharField(max_length=255)
+    # SHA-256 of the request body: the same key with another body is a client error, not a silent second job.
+    request_fingerprint = models.CharField(max_length=64)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="one_idempotency_key_per_tenant")]
+
+    def __str__(self) -> str:
+        return self.key
 
 
 class EventLevel(models.TextChoices):

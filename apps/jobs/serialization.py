@@ -1,6 +1,6 @@
 """The JSON objects of the fine-tuning API, in OpenAI's shapes; the websocket sends exactly these."""
 
-from .models import FineTuningJob, JobEvent
+from .models import FineTuningJob, JobCheckpoint, JobEvent
 
 
 def _unix(value) -> int | None:
@@ -41,7 +41,7 @@ def job_to_json(job: FineTuningJob) -> dict:
         "estimated_finish": None,
         "integrations": [],
         "user_provided_suffix": job.suffix or None,
-        "metadata": None,
+        "metadata": job.metadata or None,
         # Tunehouse additions: the internal phase and the latest progress.
         "phase": job.phase,
         "progress": {
@@ -67,3 +67,30 @@ def evaluation_to_json(evaluation) -> dict:
         "samples": evaluation.samples,
         "error": evaluation.error,
     }
+
+
+def checkpoint_to_json(checkpoint: JobCheckpoint) -> dict:
+    """OpenAI's `fine_tuning.job.checkpoint`; `metrics` carries OpenAI's names (step, train_loss, valid_loss...)
+    next to every scalar the evaluation measured."""
+    job = checkpoint.job
+    metrics = {"step": checkpoint.step_number, **(checkpoint.metrics or {})}
+    if "validation_loss" in metrics and "valid_loss" not in metrics:
+        metrics["valid_loss"] = metrics["validation_loss"]
+    return {
+        "object": "fine_tuning.job.checkpoint",
+        "id": checkpoint.public_id,
+        "created_at": _unix(checkpoint.created_at),
+        "fine_tuned_model_checkpoint": checkpoint_model_name(checkpoint),
+        "fine_tuning_job_id": job.public_id,
+        "metrics": metrics,
+        "step_number": checkpoint.step_number,
+    }
+
+
+def fine_tuned_model_name(job: FineTuningJob) -> str:
+    """`ft:<base>:<tenant>:<suffix>:<id>`, OpenAI's scheme with the tenant in the organisation's place."""
+    return f"ft:{job.model}:{job.tenant.slug}:{job.suffix or 'model'}:{job.public_id.split('-', 1)[1][:8]}"
+
+
+def checkpoint_model_name(checkpoint: JobCheckpoint) -> str:
+    return f"{fine_tuned_model_name(checkpoint.job)}:ckpt-step-{checkpoint.step_number}"

@@ -4,12 +4,18 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
+import botocore.exceptions
+import redis.exceptions
+import torch
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -21,6 +27,7 @@ from apps.datasets.models import File, FileStatus
 from apps.datasets.services import file_local_path
 from apps.tenancy.models import Tenant
 from workers.ml.callbacks import TrainingEvent
+from workers.ml.checkpoint import checkpoint_folder_name
 from workers.ml.config import TrainingConfig
 from workers.ml.data.examples import DatasetTask
 from workers.ml.data.training_sets import engine_task_of
@@ -33,6 +40,8 @@ from .models import (
     EventLevel,
     EventType,
     FineTuningJob,
+    IdempotencyKey,
+    JobCheckpoint,
     JobEvent,
     JobPhase,
     JobStatus,
@@ -40,7 +49,7 @@ from .models import (
     ModelEvaluation,
 )
 from .realtime import publish_job_event, publish_job_update
-from .serialization import event_to_json, job_to_json
+from .serialization import event_to_json, fine_tuned_model_name, job_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +70,12 @@ _PLATFORM_OWNED_FIELDS = {
     "model_size",
     "tokenizer",
 }
-# How often a running executor re-reads its row to notice a cancel or a newer attempt (fencing).
-_CONTROL_POLL_SECONDS = 1.0
+# How often a running executor re-reads its row to notice a cancel, a pause or a newer attempt (fencing).
+_CONTROL_POLL_SECONDS = 0.25
+# Metrics events stored per job (what a chart draws), plus evaluations, the last step and one per this many seconds.
+METRICS_POINTS_PER_JOB = 500
+METRICS_MAX_SILENCE_SECONDS = 10.0
+_CANCEL_REQUESTED = "Cancellation requested; stopping after the current step"
 
 
 def _actor(user: AbstractBaseUser | None) -> str:
@@ -128,7 +141,10 @@ def resolve_hyperparameters(hyperparameters: dict | None, *, entry: CatalogModel
     if task is not None:
         candidate["task"] = task
     try:
-        config = TrainingConfig.from_dict({**candidate, **base, "train_file": "-", "output_dir": "-"})
+        # Placeholders for what the platform fills in at run time (every job gets a checkpoint folder).
+        config = TrainingConfig.from_dict(
+            {**candidate, **base, "train_file": "-", "output_dir": "-", "checkpoint_dir": "-"}
+        )
     except TrainingDataError as exc:
         raise ApiError(exc.message, code=exc.code, param=f"hyperparameters.{exc.param}" if exc.param else None) from exc
     resolved = config.to_dict()
@@ -209,7 +225,44 @@ def _job_files(job: FineTuningJob) -> list[tuple[File, str]]:
     return files
 
 
-@transaction.atomic
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+def validate_metadata(metadata: object) -> dict[str, str]:
+    """OpenAI's rules for `metadata`: at most 16 pairs of strings, keys up to 64 and values up to 512 characters."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ApiError("metadata must be an object of string keys and string values.", param="metadata")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ApiError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
+            raise ApiError(f"metadata keys are strings of 1 to {MAX_METADATA_KEY_CHARS} characters.", param="metadata")
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ApiError(
+                f"metadata.{key} must be a string of at most {MAX_METADATA_VALUE_CHARS} characters.",
+                param=f"metadata.{key}",
+            )
+    return dict(metadata)
+
+
+def _job_for_idempotency_key(tenant: Tenant, key: str, fingerprint: str) -> FineTuningJob | None:
+    known = IdempotencyKey.objects.filter(tenant=tenant, key=key).select_related("job").first()
+    if known is None:
+        return None
+    if known.request_fingerprint != fingerprint:
+        raise ApiError(
+            "This Idempotency-Key was already used with a different request; use a new key for a new job.",
+            code="idempotency_key_reused",
+            param="Idempotency-Key",
+            status_code=409,
+        )
+    return known.job
+
+
 def job_create(
     *,
     tenant: Tenant,
@@ -219,7 +272,65 @@ def job_create(
     hyperparameters: dict | None = None,
     suffix: str = "",
     validation_file: File | None = None,
+    metadata: dict | None = None,
+    idempotency_key: str | None = None,
+    request_fingerprint: str = "",
 ) -> FineTuningJob:
+    """Creates a job (queued at once when its files are checked). With an ``idempotency_key`` the same key and
+    request again return the first job instead of a second one, also when both requests race."""
+    if idempotency_key is None:
+        return _job_create(
+            tenant=tenant,
+            user=user,
+            training_file=training_file,
+            model=model,
+            hyperparameters=hyperparameters,
+            suffix=suffix,
+            validation_file=validation_file,
+            metadata=metadata,
+        )
+    if not 1 <= len(idempotency_key) <= 255:
+        raise ApiError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
+    known = _job_for_idempotency_key(tenant, idempotency_key, request_fingerprint)
+    if known is not None:
+        return known
+    try:
+        with transaction.atomic():
+            job = _job_create(
+                tenant=tenant,
+                user=user,
+                training_file=training_file,
+                model=model,
+                hyperparameters=hyperparameters,
+                suffix=suffix,
+                validation_file=validation_file,
+                metadata=metadata,
+            )
+            # The unique (tenant, key) constraint decides a race: the loser's whole job creation rolls back.
+            IdempotencyKey.objects.create(
+                tenant=tenant, key=idempotency_key, request_fingerprint=request_fingerprint, job=job
+            )
+            return job
+    except IntegrityError:
+        known = _job_for_idempotency_key(tenant, idempotency_key, request_fingerprint)
+        if known is None:
+            raise
+        return known
+
+
+@transaction.atomic
+def _job_create(
+    *,
+    tenant: Tenant,
+    user: AbstractBaseUser | None,
+    training_file: File,
+    model: str,
+    hyperparameters: dict | None,
+    suffix: str,
+    validation_file: File | None,
+    metadata: dict | None,
+) -> FineTuningJob:
+    metadata = validate_metadata(metadata)
     entry = validate_base_model(model)
     job_files = [(training_file, "training_file")] + ([(validation_file, "validation_file")] if validation_file else [])
     for file, param in job_files:
@@ -250,6 +361,7 @@ def job_create(
         seed=resolved.get("seed", 0),
         # Known once the data is tokenized (epochs x batches) unless max_steps fixes it; the first metrics say it.
         total_steps=resolved["max_steps"],
+        metadata=metadata,
         created_by=user,
     )
     JobStatusChange.objects.create(job=job, from_status="", to_status=job.status, actor=_actor(user))
@@ -263,12 +375,127 @@ def job_create(
 
 
 def _enqueue(job: FineTuningJob, *, actor: str) -> None:
-    _transition(job, to_status=JobStatus.QUEUED, phase=JobPhase.WAITING_FOR_WORKER, actor=actor)
+    _transition(job, to_status=JobStatus.QUEUED, phase=JobPhase.WAITING_FOR_SLOT, actor=actor, dispatched_at=None)
     job_event_record(job=job, message="Files validated, moving job to queued state")
+    _dispatch_after_commit()
+
+
+def _dispatch_after_commit() -> None:
+    # After the commit: a worker must find the job queued when the message reaches it, and a rolled-back
+    # transaction must send nothing.
+    transaction.on_commit(jobs_dispatch)
+
+
+def _tenant_job_limit(tenant: Tenant) -> int:
+    # 0 is a valid limit (the tenant's jobs wait until an operator raises it); None means the platform default.
+    if tenant.max_running_jobs is not None:
+        return tenant.max_running_jobs
+    return settings.MAX_RUNNING_JOBS_PER_TENANT
+
+
+def jobs_dispatch(*, send: Callable[[int], object] | None = None) -> list[str]:
+    """Sends queued jobs to the `gpu` queue, at most each tenant's limit of running jobs at a time; returns the
+    public ids sent.
+
+    Fairness comes from the limit: a tenant never has more than its limit of jobs in the broker or running, so a
+    tenant with 100 queued jobs holds a few places in the broker's FIFO queue and another tenant's first job goes in
+    right behind them. Within a tenant, jobs go oldest first. The tenant row is locked while its slots are counted
+    and taken, so concurrent dispatchers (web, workers, the recovery loop) never exceed a limit.
+    """
+    sent: list[tuple[FineTuningJob, str]] = []
+    waiting_tenants = (
+        FineTuningJob.objects.filter(status=JobStatus.QUEUED, dispatched_at__isnull=True)
+        .values_list("tenant_id", flat=True)
+        .distinct()
+    )
+    for tenant_id in list(waiting_tenants):
+        with transaction.atomic():
+            tenant = Tenant.objects.select_for_update().get(pk=tenant_id)
+            tenant_jobs = FineTuningJob.objects.filter(tenant_id=tenant_id)
+            taken = tenant_jobs.filter(
+                Q(status=JobStatus.RUNNING) | Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
+            ).count()
+            free = _tenant_job_limit(tenant) - taken
+            if free <= 0:
+                continue
+            now = timezone.now()
+            for job in tenant_jobs.filter(status=JobStatus.QUEUED, dispatched_at__isnull=True).order_by(
+                "created_at", "id"
+            )[:free]:
+                # Data first, on a `cpu` worker; a job with its data prepared (a resumed one) goes to `gpu`.
+                job.dispatched_at = now
+                job.phase = JobPhase.WAITING_FOR_WORKER if job.prepared_data_prefix else JobPhase.TOKENIZING
+                job.save(update_fields=["dispatched_at", "phase"])
+                sent.append((job, job.phase))
+    for job, phase in sent:
+        _send(job.pk, prepare=phase == JobPhase.TOKENIZING, send=send)
+    return [job.public_id for job, _ in sent]
+
+
+def _send(job_pk: int, *, prepare: bool, send: Callable[[int], object] | None) -> None:
+    if send is not None:
+        send(job_pk)
+        return
+    from workers.tasks.preparation import prepare_job_data
     from workers.tasks.training import run_training_job
 
-    job_id = job.pk
-    transaction.on_commit(lambda: run_training_job.delay(job_id))
+    (prepare_job_data if prepare else run_training_job).delay(job_pk)
+
+
+def jobs_recover(*, send: Callable[[int], object] | None = None) -> dict[str, list[str]]:
+    """Repairs what crashed processes and lost messages leave behind; every worker runs it every few seconds.
+
+    - A running job whose lease has not been refreshed for JOB_LEASE_SECONDS lost its worker (killed, machine
+      gone): it is queued again (or paused / cancelled, if that was asked meanwhile) and resumes from its last
+      checkpoint. The next attempt number fences the old executor off, should it still be alive.
+    - A job sent to the broker JOB_REDISPATCH_SECONDS ago and still not picked up is sent again (its message may
+      have died with a Redis restart); a duplicate message is harmless, the claim takes a job once.
+    - Then queued jobs are dispatched into the slots that freed up.
+    """
+    now = timezone.now()
+    requeued: list[str] = []
+    stale = FineTuningJob.objects.filter(
+        status=JobStatus.RUNNING, lease_heartbeat_at__lt=now - timedelta(seconds=settings.JOB_LEASE_SECONDS)
+    ).values_list("pk", flat=True)
+    for job_pk in list(stale):
+        with transaction.atomic():
+            job = (
+                FineTuningJob.objects.select_for_update(skip_locked=True)
+                .filter(
+                    pk=job_pk,
+                    status=JobStatus.RUNNING,
+                    lease_heartbeat_at__lt=now - timedelta(seconds=settings.JOB_LEASE_SECONDS),
+                )
+                .first()
+            )
+            if job is None:
+                continue
+            _release_lost_job(job)
+            requeued.append(job.public_id)
+    FineTuningJob.objects.filter(
+        status=JobStatus.QUEUED,
+        dispatched_at__lt=now - timedelta(seconds=settings.JOB_REDISPATCH_SECONDS),
+    ).update(dispatched_at=None)
+    return {"requeued": requeued, "dispatched": jobs_dispatch(send=send)}
+
+
+def _release_lost_job(job: FineTuningJob) -> None:
+    actor = "system:lease-expired"
+    lost = f"The worker of attempt {job.attempt} stopped answering"
+    if job.cancel_requested:
+        _transition(job, to_status=JobStatus.CANCELLED, phase=JobPhase.DONE, actor=actor, finished_at=timezone.now())
+        job_event_record(job=job, message=f"{lost}; the job was being cancelled, so it is cancelled")
+        _job_finished_hooks(job)
+    elif job.pause_requested:
+        _transition(job, to_status=JobStatus.PAUSED, phase=JobPhase.PAUSED, actor=actor, pause_requested=False)
+        job_event_record(job=job, message=f"{lost}; the job is paused at its last checkpoint")
+    else:
+        _transition(job, to_status=JobStatus.QUEUED, phase=JobPhase.WAITING_FOR_SLOT, actor=actor, dispatched_at=None)
+        job_event_record(
+            job=job,
+            level=EventLevel.WARN,
+            message=f"{lost}; the job is queued again and resumes from its last checkpoint",
+        )
 
 
 @transaction.atomic
@@ -301,6 +528,7 @@ def jobs_advance_after_file_validation(*, file: File) -> None:
                 finished_at=timezone.now(),
             )
             job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
+            _job_finished_hooks(job)
 
 
 @transaction.atomic
@@ -312,7 +540,7 @@ def job_cancel(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | N
         # The executor notices within a second or so, stops between steps and records the cancellation.
         job.cancel_requested = True
         job.save(update_fields=["cancel_requested"])
-        job_event_record(job=job, message="Cancellation requested; stopping after the current step")
+        job_event_record(job=job, message=_CANCEL_REQUESTED, data={"requested_by": _actor(user)})
     else:
         _transition(
             job,
@@ -323,81 +551,371 @@ def job_cancel(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | N
             cancel_requested=True,
         )
         job_event_record(job=job, message="Job cancelled")
+        _job_finished_hooks(job)
     return job
 
 
-class _JobProgress:
-    """The ML library's callback: events become rows (and websocket pushes); polls cancel and fencing."""
+@transaction.atomic
+def job_pause(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | None) -> FineTuningJob:
+    """Pauses a queued or running job. A running one stops after its current step and writes a checkpoint first;
+    `job_resume` continues it from there, on any worker."""
+    job = FineTuningJob.objects.select_for_update().get(pk=job.pk, tenant=tenant)
+    if job.status == JobStatus.RUNNING:
+        if not job.pause_requested:
+            job.pause_requested = True
+            job.phase = JobPhase.CHECKPOINTING
+            job.save(update_fields=["pause_requested", "phase"])
+            job_event_record(job=job, message="Pause requested; saving a checkpoint after the current step")
+        return job
+    if job.status != JobStatus.QUEUED:
+        raise ApiError(
+            f"Job {job.public_id} is {job.status}; only a queued or running job can be paused.", code="invalid_state"
+        )
+    _transition(job, to_status=JobStatus.PAUSED, phase=JobPhase.PAUSED, actor=_actor(user), dispatched_at=None)
+    job_event_record(job=job, message="Job paused")
+    _dispatch_after_commit()  # its slot, if it held one, goes to the next queued job
+    return job
 
-    def __init__(self, job: FineTuningJob, attempt: int):
+
+@transaction.atomic
+def job_resume(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | None) -> FineTuningJob:
+    """Queues a paused job again; it continues from its last checkpoint."""
+    job = FineTuningJob.objects.select_for_update().get(pk=job.pk, tenant=tenant)
+    if job.status != JobStatus.PAUSED:
+        raise ApiError(f"Job {job.public_id} is {job.status}, not paused.", code="invalid_state")
+    _transition(
+        job,
+        to_status=JobStatus.QUEUED,
+        phase=JobPhase.WAITING_FOR_SLOT,
+        actor=_actor(user),
+        pause_requested=False,
+        dispatched_at=None,
+    )
+    job_event_record(job=job, message="Job resumed; it continues from its last checkpoint")
+    _dispatch_after_commit()
+    return job
+
+
+class _PreparationProgress:
+    """The callback of data preparation: its messages become job events; a cancel or pause stops it."""
+
+    def __init__(self, job: FineTuningJob):
         self.job = job
-        self.attempt = attempt
-        self._last_poll = 0.0
-        self.stop_reason: str | None = None
 
     def on_event(self, event: TrainingEvent) -> None:
-        if self.stop_reason == "fenced":
-            return
         level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
         job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=event.data)
-        if event.type == EventType.METRICS and event.data:
-            # Fenced update: only the current attempt may move the progress.
-            progress = {"lease_heartbeat_at": timezone.now()}
-            for field, key in (
-                ("steps_completed", "step"),
-                ("total_steps", "total_steps"),
-                ("latest_train_loss", "train_loss"),
-            ):
-                # An evaluation-only event may lack the training loss: keep the last one rather than blank it.
-                if event.data.get(key) is not None:
-                    progress[field] = event.data[key]
-            FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(**progress)
 
     def should_stop(self) -> bool:
+        return not FineTuningJob.objects.filter(pk=self.job.pk, status=JobStatus.QUEUED).exists()
+
+
+def job_prepare_data(*, job_id: int) -> None:
+    """Reads, splits and tokenizes a dispatched job's data on a `cpu` worker (training the tokenizer of a
+    from-scratch model), stores the result, then sends the job to the `gpu` queue in the same slot. Data the model
+    cannot train on fails the job here, before it takes an accelerator."""
+    with transaction.atomic():
+        job = (
+            # of=("self",): PostgreSQL cannot lock the nullable side of the outer join that select_related makes.
+            FineTuningJob.objects.select_for_update(of=("self",))
+            .select_related("training_file", "validation_file", "tenant")
+            .filter(pk=job_id, status=JobStatus.QUEUED, dispatched_at__isnull=False, prepared_data_prefix="")
+            .first()
+        )
+        if job is None:
+            return  # not queued any more, prepared already, or a stale duplicate message
+    started = time.monotonic()
+    folder = Path(settings.WORK_DIR) / "jobs" / job.public_id / f"preparing-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        config = TrainingConfig.from_dict(
+            _training_config(job, train_path=file_local_path(job.training_file), work_dir=folder)
+        )
+        from workers.ml.engine import prepare_training_data  # the engine loads on workers only
+
+        manifest = prepare_training_data(config, folder / "prepared", _PreparationProgress(job))
+        prefix = tenant_key(job.tenant_id, "jobs", job.public_id, "prepared")
+        object_store().delete_prefix(prefix + "/")
+        object_store().upload_dir(prefix, folder / "prepared")
+    except TrainingDataError as exc:
+        with transaction.atomic():
+            current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+            if current.status == JobStatus.QUEUED:
+                error = {"code": exc.code, "message": exc.message, "param": exc.param}
+                _transition(
+                    current,
+                    to_status=JobStatus.FAILED,
+                    phase=JobPhase.DONE,
+                    actor=SYSTEM_ACTOR,
+                    error=error,
+                    finished_at=timezone.now(),
+                )
+                job_event_record(job=current, level=EventLevel.ERROR, message=exc.message)
+                _job_finished_hooks(current)
+        return
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    sides = manifest["sides"]
+    with transaction.atomic():
+        current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+        if current.status != JobStatus.QUEUED:
+            return  # cancelled or paused meanwhile; a paused job keeps no half-done state
+        current.prepared_data_prefix = prefix
+        current.phase = JobPhase.WAITING_FOR_WORKER
+        current.dispatched_at = timezone.now()
+        current.save(update_fields=["prepared_data_prefix", "phase", "dispatched_at"])
+        validation = sides.get("validation", {}).get("examples", 0)
+        job_event_record(
+            job=current,
+            message=f"Training data prepared in {time.monotonic() - started:.1f} s: {sides['train']['examples']:,} "
+            f"training examples" + (f", {validation:,} for validation" if validation else "") + ".",
+            data={"prepared": {name: side["examples"] for name, side in sides.items()}},
+        )
+        transaction.on_commit(lambda: _send(current.pk, prepare=False, send=None))
+
+
+class StopReason:
+    FENCED = "fenced"  # a newer attempt owns the job: write nothing more
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+    PREEMPTED = "preempted"  # the worker is shutting down: checkpoint, then queue the job again
+
+
+class _JobProgress:
+    """The ML library's callback: events become rows (and websocket pushes), checkpoints become JobCheckpoint rows
+    with their files in the object store; it polls for cancel, pause, worker shutdown and fencing."""
+
+    def __init__(self, job: FineTuningJob, attempt: int, *, checkpoint_dir: Path, worker_stopping: threading.Event):
+        self.job = job
+        self.attempt = attempt
+        self.checkpoint_dir = checkpoint_dir
+        self.worker_stopping = worker_stopping
+        self.stop_reason: str | None = None
+        self._last_poll = 0.0
+        self._next_metrics_step = 0
+        self._last_metrics_stored = 0.0
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def on_event(self, event: TrainingEvent) -> None:
+        if self.stop_reason == StopReason.FENCED:
+            return
+        data = event.data
+        if event.type == EventType.METRICS and data:
+            self._record_progress(data)
+            if not self._metrics_worth_storing(data):
+                return
+            # A resumed job logs again the steps after its last checkpoint: the attempt tells a chart which to keep.
+            data = {**data, "attempt": self.attempt}
+        elif data and "checkpoint" in data and not self._record_checkpoint(data["checkpoint"]):
+            return
+        level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
+        job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=data)
+
+    def _record_progress(self, data: dict) -> None:
+        # Fenced update: only the current attempt may move the progress.
+        progress: dict = {"lease_heartbeat_at": timezone.now()}
+        for field, key in (
+            ("steps_completed", "step"),
+            ("total_steps", "total_steps"),
+            ("latest_train_loss", "train_loss"),
+        ):
+            # An evaluation-only event may lack the training loss: keep the last one rather than blank it.
+            if data.get(key) is not None:
+                progress[field] = data[key]
+        if not FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(**progress):
+            self.stop_reason = StopReason.FENCED
+
+    def _metrics_worth_storing(self, data: dict) -> bool:
+        """Keeps about METRICS_POINTS_PER_JOB points over a run (plus every evaluation and the last step, and at
+        least one every METRICS_MAX_SILENCE_SECONDS): what a chart draws, not one row per step of a long job."""
+        step, total = data.get("step") or 0, data.get("total_steps") or 0
+        now = time.monotonic()
+        has_evaluation = any(key.startswith(("validation_", "eval_")) for key in data)
+        keep = (
+            step >= self._next_metrics_step
+            or has_evaluation
+            or (total and step >= total)
+            or now - self._last_metrics_stored >= METRICS_MAX_SILENCE_SECONDS
+        )
+        if keep:
+            self._next_metrics_step = step + max(1, total // METRICS_POINTS_PER_JOB)
+            self._last_metrics_stored = now
+        return bool(keep)
+
+    def _record_checkpoint(self, checkpoint: dict) -> bool:
+        """Copies a checkpoint the engine wrote into the object store and records it; False when fenced."""
+        step = int(checkpoint["step_number"])
+        folder = self.checkpoint_dir / checkpoint_folder_name(step)
+        prefix = tenant_key(self.job.tenant_id, "checkpoints", self.job.public_id, checkpoint_folder_name(step))
+        if not self.may_write():
+            return False
+        object_store().delete_prefix(prefix + "/")
+        object_store().upload_dir(prefix, folder)
+        with transaction.atomic():
+            current = FineTuningJob.objects.select_for_update().filter(pk=self.job.pk, attempt=self.attempt).first()
+            if current is None:
+                self.stop_reason = StopReason.FENCED
+                return False
+            JobCheckpoint.objects.update_or_create(
+                job=self.job,
+                step_number=step,
+                defaults={
+                    "tenant_id": self.job.tenant_id,
+                    "metrics": _json_finite(checkpoint.get("metrics") or {}),
+                    "attempt": self.attempt,
+                    "storage_prefix": prefix,
+                },
+            )
+            stale = list(JobCheckpoint.objects.filter(job=self.job).order_by("-step_number")[self._kept :])
+            for old in stale:
+                transaction.on_commit(lambda prefix=old.storage_prefix: object_store().delete_prefix(prefix + "/"))
+                old.delete()
+        return True
+
+    @property
+    def _kept(self) -> int:
+        return int(self.job.hyperparameters.get("checkpoints_kept") or 2)
+
+    # -- control -----------------------------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.worker_stopping.is_set() and self.stop_reason is None:
+            self.stop_reason = StopReason.PREEMPTED
         now = time.monotonic()
         if now - self._last_poll < _CONTROL_POLL_SECONDS:
             return self.stop_reason is not None
         self._last_poll = now
-        current = FineTuningJob.objects.filter(pk=self.job.pk).values("attempt", "cancel_requested", "status").first()
-        if current is None or current["attempt"] != self.attempt:
-            self.stop_reason = "fenced"
-        elif current["cancel_requested"]:
-            self.stop_reason = "cancelled"
+        self._poll()
         return self.stop_reason is not None
+
+    def may_write(self) -> bool:
+        """Asked by the engine right before it writes a checkpoint: a fenced executor writes nothing."""
+        self._poll()
+        return self.stop_reason != StopReason.FENCED
+
+    def _poll(self) -> None:
+        current = (
+            FineTuningJob.objects.filter(pk=self.job.pk)
+            .values("attempt", "status", "cancel_requested", "pause_requested")
+            .first()
+        )
+        if current is None or current["attempt"] != self.attempt or current["status"] != JobStatus.RUNNING:
+            self.stop_reason = StopReason.FENCED
+        elif self.stop_reason is None and current["cancel_requested"]:
+            self.stop_reason = StopReason.CANCELLED
+        elif self.stop_reason is None and current["pause_requested"]:
+            self.stop_reason = StopReason.PAUSED
+
+
+class _LeaseHeartbeat:
+    """Refreshes the job's lease from a thread while the attempt runs, also through long silent stretches (loading
+    a model, tokenizing); a refresh that finds a newer attempt marks the executor fenced."""
+
+    def __init__(self, job: FineTuningJob, attempt: int, progress: _JobProgress):
+        self._job_pk, self._attempt, self._progress = job.pk, attempt, progress
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job.public_id}", daemon=True)
+
+    def __enter__(self) -> "_LeaseHeartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            while not self._done.wait(settings.JOB_HEARTBEAT_SECONDS):
+                try:
+                    refreshed = FineTuningJob.objects.filter(
+                        pk=self._job_pk, attempt=self._attempt, status=JobStatus.RUNNING
+                    ).update(lease_heartbeat_at=timezone.now())
+                except DatabaseError:
+                    logger.warning("job %s: lease heartbeat failed; retrying", self._job_pk, exc_info=True)
+                    continue
+                if not refreshed:
+                    self._progress.stop_reason = StopReason.FENCED
+                    return
+        finally:
+            connection.close()  # this thread's own connection
 
 
 def _claim(job_id: int) -> FineTuningJob | None:
-    """Takes the job's lease for a new attempt; None when there is nothing to run (finished, cancelled, taken)."""
+    """Takes the job's lease for a new attempt; None when there is nothing to run (finished, paused, taken)."""
     with transaction.atomic():
         job = FineTuningJob.objects.select_for_update().filter(pk=job_id).first()
-        if job is None or job.status != JobStatus.QUEUED:
+        # A job not dispatched is waiting for a slot of its tenant: a message for it is a stale duplicate (an old
+        # redelivery), and running it would exceed the tenant's limit. Dispatch sends a fresh one when a slot frees.
+        # Without prepared data, the message is a stale one too: dispatch sends such a job to a `cpu` worker first.
+        if job is None or job.status != JobStatus.QUEUED or job.dispatched_at is None or not job.prepared_data_prefix:
             return None
         attempt = job.attempt + 1
+        worker = f"{socket.gethostname()}:{os.getpid()}"
         _transition(
             job,
             to_status=JobStatus.RUNNING,
             phase=JobPhase.PREPARING,
-            actor=f"worker:{socket.gethostname()}:{os.getpid()}",
+            actor=f"worker:{worker}",
             attempt=attempt,
-            lease_owner=f"{socket.gethostname()}:{os.getpid()}",
+            lease_owner=worker,
             lease_heartbeat_at=timezone.now(),
             started_at=job.started_at or timezone.now(),
         )
-        job_event_record(job=job, message=f"Fine-tuning job started (attempt {attempt})")
+        resumable = JobCheckpoint.objects.filter(job=job).order_by("-step_number").first()
+        job_event_record(
+            job=job,
+            message=f"Fine-tuning job started (attempt {attempt})"
+            + (f"; resuming from the checkpoint of step {resumable.step_number:,}" if resumable else ""),
+            data={"attempt": attempt},
+        )
     return job
 
 
-def _finish(job: FineTuningJob, *, attempt: int, to_status: str, **fields) -> bool:
-    """Records the end of the attempt unless a newer attempt owns the job (then this executor is stale)."""
+def _finish(
+    job: FineTuningJob,
+    *,
+    attempt: int,
+    to_status: str,
+    actor: str = SYSTEM_ACTOR,
+    events: Sequence[tuple[str, str]] = (),
+    **fields,
+) -> bool:
+    """Records the end of the attempt, with its ``(level, message)`` events in the same transaction (a client that
+    sees the new status also sees why), unless a newer attempt owns the job (then this executor is stale)."""
     with transaction.atomic():
         current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
-        if current.attempt != attempt or current.is_finished:
+        if current.attempt != attempt or current.is_finished or current.status != JobStatus.RUNNING:
             return False
-        _transition(
-            current, to_status=to_status, phase=JobPhase.DONE, actor=SYSTEM_ACTOR, finished_at=timezone.now(), **fields
-        )
+        if to_status in FINISHED_STATUSES:
+            fields = {"phase": JobPhase.DONE, "finished_at": timezone.now(), **fields}
+        _transition(current, to_status=to_status, actor=actor, **fields)
+        for level, message in events:
+            job_event_record(job=current, level=level, message=message)
+        if to_status in FINISHED_STATUSES:
+            _job_finished_hooks(current)
+        else:
+            _dispatch_after_commit()
         job.refresh_from_db()
         return True
+
+
+def _job_finished_hooks(job: FineTuningJob) -> None:
+    """Inside the transaction that records a final status: the tenant's webhooks are told (once it commits), and its
+    slot goes to the next queued job."""
+    from apps.webhooks.services import webhooks_job_finished
+
+    webhooks_job_finished(job=job)
+    if job.prepared_data_prefix:
+        # The tokenized copy of the tenant's data serves only this job's attempts.
+        prefix = job.prepared_data_prefix
+        transaction.on_commit(lambda: object_store().delete_prefix(prefix + "/"))
+    _dispatch_after_commit()
+
+
+def _cancel_actor(job: FineTuningJob) -> str:
+    """Who asked for the cancellation (the user who pressed cancel, not the worker that carried it out)."""
+    request = JobEvent.objects.filter(job=job, message=_CANCEL_REQUESTED).order_by("-id").first()
+    return (request.data or {}).get("requested_by", SYSTEM_ACTOR) if request is not None else SYSTEM_ACTOR
 
 
 def _validation_config(job: FineTuningJob) -> dict:
@@ -409,12 +927,15 @@ def _validation_config(job: FineTuningJob) -> dict:
     }
 
 
-def _training_config(job: FineTuningJob, *, train_path: Path, work_dir: Path) -> dict:
+def _training_config(job: FineTuningJob, *, train_path: Path, work_dir: Path, with_files: bool = True) -> dict:
     entry = catalog_get(model_id=job.model)
     if entry is None:
         raise TrainingDataError("model_not_found", f"The model {job.model} is no longer in the catalog.", "model")
     hyperparameters = dict(job.hyperparameters)
     mode = hyperparameters.pop("mode", None)
+    if not hyperparameters.get("checkpoint_every_steps"):
+        # Every job checkpoints: a crash, a pause or a worker shutdown then costs minutes, not the run.
+        hyperparameters["checkpoint_every_steps"] = settings.JOB_DEFAULT_CHECKPOINT_EVERY_STEPS
     config = {
         "task": file_engine_task(job.training_file),
         **hyperparameters,
@@ -425,7 +946,7 @@ def _training_config(job: FineTuningJob, *, train_path: Path, work_dir: Path) ->
         "output_dir": str(work_dir / "model"),
         # Per job, not per attempt: a redelivered or restarted job finds the checkpoints of the attempt before it.
         "checkpoint_dir": str(_checkpoint_dir(job)),
-        **_validation_config(job),
+        **(_validation_config(job) if with_files else {}),
     }
     if job.training_file.column_mapping:
         config["column_mapping"] = {key: value for key, value in job.training_file.column_mapping.items() if value}
@@ -436,6 +957,23 @@ def _checkpoint_dir(job: FineTuningJob) -> Path:
     return Path(settings.WORK_DIR) / "jobs" / job.public_id / "checkpoints"
 
 
+def _prepared_data_dir(job: FineTuningJob) -> Path:
+    return Path(settings.WORK_DIR) / "jobs" / job.public_id / "prepared"
+
+
+def _restore_latest_checkpoint(job: FineTuningJob) -> None:
+    """Puts the job's newest recorded checkpoint into the local checkpoint folder when this machine lacks it (the
+    previous attempt ran elsewhere, or this machine's work folder was wiped): the engine resumes from local files."""
+    latest = JobCheckpoint.objects.filter(job=job).order_by("-step_number").first()
+    if latest is None or not latest.storage_prefix:
+        return
+    folder = _checkpoint_dir(job) / checkpoint_folder_name(latest.step_number)
+    if (folder / "manifest.json").exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    local_copy_of_prefix(latest.storage_prefix, folder)
+
+
 def _final_metrics(result) -> dict:
     scalars = {name: value for name, value in result.final_metrics.items() if isinstance(value, int | float)}
     scalars["train_loss"] = result.final_train_loss
@@ -444,8 +982,12 @@ def _final_metrics(result) -> dict:
     return {name: value for name, value in _json_finite(scalars).items() if value is not None}
 
 
-def job_run(*, job_id: int) -> None:
-    """Runs one training attempt for the job: download the data, train, store the model, record the outcome."""
+def job_run(*, job_id: int, worker_stopping: threading.Event | None = None) -> None:
+    """Runs one training attempt for the job: download the data, train, store the model, record the outcome.
+
+    ``worker_stopping`` is set by the worker when it is asked to shut down (SIGTERM): training stops after the
+    current step, writes a checkpoint and the job goes back to the queue for the next worker.
+    """
     job = _claim(job_id)
     if job is None:
         logger.info("job %s: nothing to run", job_id)
@@ -454,58 +996,162 @@ def job_run(*, job_id: int) -> None:
     work_dir = Path(settings.WORK_DIR) / "jobs" / job.public_id / f"attempt-{attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    progress = _JobProgress(job, attempt)
+    progress = _JobProgress(
+        job, attempt, checkpoint_dir=_checkpoint_dir(job), worker_stopping=worker_stopping or threading.Event()
+    )
     try:
-        # The shared local copy keeps the upload's suffix; the original name tells the trainer the format.
-        train_path = file_local_path(job.training_file)
-        FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
-        config = TrainingConfig.from_dict(_training_config(job, train_path=train_path, work_dir=work_dir))
-        from workers.ml.engine import run_training  # the engine (peft, scikit-learn) loads on workers only
-
-        result = run_training(config, progress)
-        if progress.stop_reason == "fenced":
-            logger.warning("job %s attempt %s: superseded by a newer attempt, stopping", job.public_id, attempt)
-            return
-        if progress.stop_reason == "cancelled":
-            if _finish(job, attempt=attempt, to_status=JobStatus.CANCELLED):
-                job_event_record(job=job, message=f"Job cancelled at step {result.steps_completed}")
-            return
-        FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.SAVING)
-        prefix = tenant_key(job.tenant_id, "models", job.public_id)
-        object_store().delete_prefix(prefix + "/")
-        object_store().upload_dir(prefix, work_dir / "model")
-        fine_tuned_model = (
-            f"ft:{job.model}:{job.tenant.slug}:{job.suffix or 'model'}:{job.public_id.split('-', 1)[1][:8]}"
-        )
-        if _finish(
-            job,
-            attempt=attempt,
-            to_status=JobStatus.SUCCEEDED,
-            model_storage_prefix=prefix,
-            fine_tuned_model=fine_tuned_model,
-            trained_tokens=result.train_tokens,
-            metrics=_final_metrics(result),
-        ):
-            job_event_record(job=job, message=f"New fine-tuned model created: {fine_tuned_model}")
-            job_event_record(job=job, message="The job has successfully completed")
+        with _LeaseHeartbeat(job, attempt, progress):
+            _run_attempt(job, attempt, progress, work_dir)
     except TrainingDataError as exc:
-        if _finish(
+        _finish(
             job,
             attempt=attempt,
             to_status=JobStatus.FAILED,
             error={"code": exc.code, "message": exc.message, "param": exc.param},
-        ):
-            job_event_record(job=job, level=EventLevel.ERROR, message=exc.message)
+            events=[(EventLevel.ERROR, exc.message)],
+        )
     except Exception as exc:
         logger.exception("job %s attempt %s crashed", job.public_id, attempt)
-        error = {"code": "internal_error", "message": f"Training stopped on an internal error: {exc}", "param": None}
-        if _finish(job, attempt=attempt, to_status=JobStatus.FAILED, error=error):
-            job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
+        _record_crash(job, attempt, exc)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-        # Checkpoints serve a resumed attempt; once the job has an outcome they are of no further use here.
+        # Local checkpoints serve a resumed attempt on this machine; once the job has an outcome the object store's
+        # copies (listed by the checkpoints API, deployable) are the ones that count.
         if FineTuningJob.objects.filter(pk=job.pk, status__in=FINISHED_STATUSES).exists():
             shutil.rmtree(_checkpoint_dir(job), ignore_errors=True)
+            shutil.rmtree(_prepared_data_dir(job), ignore_errors=True)
+
+
+# Failures of the platform's own parts (database, broker, object store, network), not of the job: worth another
+# attempt from the last checkpoint, up to JOB_MAX_ATTEMPTS attempts in all.
+_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    OperationalError,
+    InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+
+
+def failure_of(exc: BaseException) -> tuple[bool, dict]:
+    """(retry?, the `{code, message, param}` error) for an exception that ended an attempt. Infrastructure
+    failures are retried; the job's own problems (out of memory at the chosen batch size, bugs) fail once with an
+    error that says what to change."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return False, {
+            "code": "out_of_memory",
+            "message": "Training ran out of memory at the chosen batch size or sequence length. Lower batch_size "
+            "(raise gradient_accumulation_steps to keep the effective batch), lower max_length, turn packing on, "
+            "or fine-tune with LoRA.",
+            "param": "batch_size",
+        }
+    if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+        return True, {
+            "code": "infrastructure_error",
+            "message": f"Training stopped on an infrastructure failure ({type(exc).__name__}: {exc}).",
+            "param": None,
+        }
+    return False, {"code": "internal_error", "message": f"Training stopped on an internal error: {exc}", "param": None}
+
+
+def _record_crash(job: FineTuningJob, attempt: int, exc: BaseException) -> None:
+    retry, error = failure_of(exc)
+    if retry and attempt < settings.JOB_MAX_ATTEMPTS:
+        retrying = (
+            f"{error['message']} Trying again from the last checkpoint "
+            f"(attempt {attempt + 1} of {settings.JOB_MAX_ATTEMPTS})."
+        )
+        _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.QUEUED,
+            actor="system:retry",
+            phase=JobPhase.WAITING_FOR_SLOT,
+            dispatched_at=None,
+            events=[(EventLevel.WARN, retrying)],
+        )
+        return
+    _finish(
+        job, attempt=attempt, to_status=JobStatus.FAILED, error=error, events=[(EventLevel.ERROR, error["message"])]
+    )
+
+
+def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_dir: Path) -> None:
+    prepared_data = local_copy_of_prefix(job.prepared_data_prefix, _prepared_data_dir(job))
+    _restore_latest_checkpoint(job)
+    FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.TRAINING)
+    # The run reads its data from the prepared folder only: the data files are never downloaded here.
+    config = TrainingConfig.from_dict(
+        {
+            **_training_config(job, train_path=prepared_data, work_dir=work_dir, with_files=False),
+            "prepared_data": str(prepared_data),
+        }
+    )
+    from workers.ml.engine import run_training  # the engine (peft, scikit-learn) loads on workers only
+
+    result = run_training(config, progress)
+    reason = progress.stop_reason
+    if reason == StopReason.FENCED:
+        logger.warning("job %s attempt %s: superseded by a newer attempt, stopping", job.public_id, attempt)
+        return
+    if reason == StopReason.CANCELLED:
+        _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.CANCELLED,
+            actor=_cancel_actor(job),
+            events=[(EventLevel.INFO, f"Job cancelled at step {result.steps_completed:,}")],
+        )
+        return
+    if reason == StopReason.PAUSED:
+        paused = f"Job paused at step {result.steps_completed:,}; resuming continues from here"
+        _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.PAUSED,
+            phase=JobPhase.PAUSED,
+            pause_requested=False,
+            events=[(EventLevel.INFO, paused)],
+        )
+        return
+    if reason == StopReason.PREEMPTED:
+        handed_back = (
+            f"The worker is shutting down: progress saved at step {result.steps_completed:,}; the job is queued "
+            "again and continues on the next worker"
+        )
+        _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.QUEUED,
+            actor="system:worker-shutdown",
+            phase=JobPhase.WAITING_FOR_SLOT,
+            dispatched_at=None,
+            events=[(EventLevel.INFO, handed_back)],
+        )
+        return
+    FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.SAVING)
+    prefix = tenant_key(job.tenant_id, "models", job.public_id)
+    if not progress.may_write():
+        return
+    object_store().delete_prefix(prefix + "/")
+    object_store().upload_dir(prefix, work_dir / "model")
+    fine_tuned_model = fine_tuned_model_name(job)
+    _finish(
+        job,
+        attempt=attempt,
+        to_status=JobStatus.SUCCEEDED,
+        model_storage_prefix=prefix,
+        fine_tuned_model=fine_tuned_model,
+        trained_tokens=result.train_tokens,
+        metrics=_final_metrics(result),
+        events=[
+            (EventLevel.INFO, f"New fine-tuned model created: {fine_tuned_model}"),
+            (EventLevel.INFO, "The job has successfully completed"),
+        ],
+    )
 
 
 def _local_model_dir(job: FineTuningJob) -> Path:

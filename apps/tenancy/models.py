@@ -13,6 +13,9 @@ class Tenant(models.Model):
     name = models.CharField(max_length=120)
     created_at = models.DateTimeField(auto_now_add=True)
     max_upload_bytes = models.BigIntegerField(null=True, blank=True, help_text="Overrides MAX_UPLOAD_BYTES when set.")
+    max_running_jobs = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Overrides MAX_RUNNING_JOBS_PER_TENANT when set; more jobs wait queued."
+    )
 
     def __str__(self) -> str:
         return self.slug

@@ -47,12 +47,16 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    # Swagger UI's files served from this server: the API docs work offline, with no CDN.
+    "drf_spectacular_sidecar",
     "channels",
     "apps.core",
     "apps.tenancy",
     "apps.datasets",
     "apps.catalog",
     "apps.jobs",
+    "apps.webhooks",
     "apps.dashboard",
 ]
 
@@ -128,6 +132,30 @@ WORK_DIR = Path(env.str("TUNEHOUSE_WORK_DIR", default=str(DATA_DIR / "work")))
 MODEL_CACHE_DIR = Path(env.str("TUNEHOUSE_MODEL_CACHE_DIR", default=str(BASE_DIR / "var" / "model-cache")))
 
 MAX_UPLOAD_BYTES = env.int("MAX_UPLOAD_BYTES", default=512 * 1024 * 1024)
+
+# Jobs. A tenant runs at most this many jobs at once (Tenant.max_running_jobs overrides it); more wait queued.
+MAX_RUNNING_JOBS_PER_TENANT = env.int("MAX_RUNNING_JOBS_PER_TENANT", default=2)
+# An executor refreshes its job's lease every JOB_HEARTBEAT_SECONDS; a lease not refreshed for JOB_LEASE_SECONDS
+# belongs to a dead worker, and the job is queued again to resume from its last checkpoint.
+JOB_HEARTBEAT_SECONDS = env.float("JOB_HEARTBEAT_SECONDS", default=5.0)
+JOB_LEASE_SECONDS = env.float("JOB_LEASE_SECONDS", default=60.0)
+# How often each worker looks for expired leases and queued jobs to send (cheap, idempotent under row locks).
+JOB_RECOVERY_INTERVAL_SECONDS = env.float("JOB_RECOVERY_INTERVAL_SECONDS", default=10.0)
+# A job sent to the broker but not picked up after this long is sent again (a message lost with a Redis restart).
+JOB_REDISPATCH_SECONDS = env.float("JOB_REDISPATCH_SECONDS", default=900.0)
+# Checkpoint interval of a job that sets none: a crash or a pause loses at most this much training.
+JOB_DEFAULT_CHECKPOINT_EVERY_STEPS = env.int("JOB_DEFAULT_CHECKPOINT_EVERY_STEPS", default=100)
+# Attempts a job gets when the platform's own parts fail under it (database, broker, store); its own errors fail once.
+JOB_MAX_ATTEMPTS = env.int("JOB_MAX_ATTEMPTS", default=3)
+# Webhooks (apps/webhooks). A failed delivery is tried again after WEBHOOK_RETRY_BASE_SECONDS x 5^(attempt - 1),
+# at most an hour apart, up to WEBHOOK_MAX_ATTEMPTS tries in all; each POST waits WEBHOOK_TIMEOUT_SECONDS at most.
+WEBHOOK_RETRY_BASE_SECONDS = env.float("WEBHOOK_RETRY_BASE_SECONDS", default=5.0)
+WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+# True suits one self-hosted machine, where the receiver often runs on the same host or LAN. Set it false when
+# tenants are not trusted with the server's network: webhook URLs resolving to loopback, private, link-local or
+# other non-public addresses are then refused when the endpoint is created and again when each POST connects.
+WEBHOOK_ALLOW_PRIVATE_NETWORKS = env.bool("WEBHOOK_ALLOW_PRIVATE_NETWORKS", default=True)
 # A gzip'd upload is decompressed as a stream; past this many bytes it is refused (a gzip bomb stops here).
 DATASET_MAX_DECOMPRESSED_BYTES = env.int("DATASET_MAX_DECOMPRESSED_BYTES", default=10 * 1024**3)
 # Uploads go to a temp file past this size instead of memory, so the web process stays flat for big files.
@@ -177,6 +205,26 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "apps.core.api.errors.openai_exception_handler",
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "apps.core.api.negotiation.AlwaysJsonNegotiation",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema (/v1/openapi.json) and its docs page (/v1/docs). Both are public: they describe the code every
+# installation runs (no tenant data, nothing that differs per deployment), and a client author reads them before
+# holding a key. Every operation inside still requires one.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tunehouse API",
+    "DESCRIPTION": "OpenAI-compatible fine-tuning API (files, fine-tuning jobs, models) plus Tunehouse extensions.",
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/v1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # The session only: a stale or wrong API key must not turn public docs into a 401, and the dashboard's template
+    # context (rendered into the docs page) needs the same user as the session it comes from.
+    "SERVE_AUTHENTICATION": ["rest_framework.authentication.SessionAuthentication"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # Celery: JSON only, late acks so a worker that dies mid-task leaves the task for another, one task prefetched at a
@@ -196,6 +244,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "workers.tasks.datasets.*": {"queue": "cpu"},
+    "workers.tasks.webhooks.*": {"queue": "cpu"},
+    "workers.tasks.preparation.*": {"queue": "cpu"},
     "workers.tasks.training.*": {"queue": "gpu"},
 }
 CELERY_TASK_ALWAYS_EAGER = False

@@ -32,6 +32,12 @@ def pytest_load_initial_conftests(early_config, parser, args):
     return (yield)
 
 
+def redis_server() -> RedisServer:
+    """The session's private Redis (fault tests restart it)."""
+    assert _redis is not None, "the services plugin did not start Redis"
+    return _redis
+
+
 def pytest_unconfigure(config):
     global _redis
     if _redis is not None:

@@ -146,3 +146,6 @@ def test_celery_is_configured_for_reliability():
     assert conf.broker_transport_options["visibility_timeout"] >= 6 * 3600
     assert app.amqp.router.route({}, "workers.tasks.training.run_training_job")["queue"].name == "gpu"
     assert app.amqp.router.route({}, "workers.tasks.datasets.validate_file")["queue"].name == "cpu"
+    # A job's data is tokenized on `cpu` before it takes an accelerator; webhooks are `cpu` work too.
+    assert app.amqp.router.route({}, "workers.tasks.preparation.prepare_job_data")["queue"].name == "cpu"
+    assert app.amqp.router.route({}, "workers.tasks.webhooks.deliver_webhook")["queue"].name == "cpu"

@@ -38,6 +38,9 @@ class TrainingCallback(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    # Optional: ``may_write() -> bool``, asked right before a checkpoint is written; False means this run has been
+    # superseded (fenced) and must write nothing more. Callbacks without it always allow.
+
 
 class NullCallback:
     """Listens to nothing and never stops training."""

@@ -40,6 +40,13 @@ RNG_JSON_NAME = "rng.json"
 _TMP_PREFIX = ".tmp-"
 # Eight digits or more: ``f"{step:08d}"`` only pads, so step 123456789 is nine digits.
 _STEP_FOLDER = re.compile(r"step-(\d{8,})")
+
+
+def checkpoint_folder_name(step: int) -> str:
+    """The name of the folder of a step's checkpoint under the checkpoint root."""
+    return f"step-{step:08d}"
+
+
 _HASH_CHUNK = 1 << 20
 
 
@@ -135,7 +142,7 @@ def write_checkpoint(
         }
         # Last, so that a folder without a valid manifest can only be an unfinished one.
         write_json(staging / MANIFEST_NAME, manifest)
-        final = root / f"step-{step:08d}"
+        final = root / checkpoint_folder_name(step)
         _move_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -260,7 +267,7 @@ def _read_manifest(folder: Path, step: int) -> CheckpointInfo | None:
     metrics = manifest.get("metrics")
     created_at = manifest.get("created_at")
     # A manifest copied into the wrong folder would resume the wrong step.
-    if manifest.get("step") != step or folder.name != f"step-{step:08d}":
+    if manifest.get("step") != step or folder.name != checkpoint_folder_name(step):
         return None
     if not isinstance(files, dict) or not isinstance(metrics, dict) or not isinstance(created_at, int | float):
         return None

@@ -285,6 +285,9 @@ class TrainingConfig:
     tokenized_cache_dir: str | None = None
     """Folder where tokenized causal-LM examples are kept and reused by later runs on the same file, tokenizer,
     template and maximum length (retries, resumed jobs, search trials). None: tokenize in memory."""
+    prepared_data: str | None = None
+    """Folder written by ``engine.prepare_training_data`` for this config's data settings: the run loads its tokenizer
+    and tokens from there and never reads ``train_file`` / ``validation_file``. None: prepare in the run."""
     device: str = "auto"
     """``"auto"`` picks CUDA when available, else the CPU; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``."""
 

@@ -30,7 +30,7 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import fused_loss, metrics, modeling
+from workers.ml import fused_loss, metrics, modeling, prepared
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -67,6 +67,7 @@ _SAMPLE_PREDICTIONS = 10
 _FINGERPRINT_IGNORES = (
     "train_file",
     "validation_file",
+    "prepared_data",
     "output_dir",
     "checkpoint_dir",
     "tokenized_cache_dir",
@@ -244,7 +245,12 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
             _emit_evaluation(callback, step, evaluation)
             if config.early_stopping_metric is not None and _early_stop(config, state, evaluation, callback, step):
                 early_stopped = True
-        if config.checkpoint_dir and config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        if (
+            config.checkpoint_dir
+            and config.checkpoint_every_steps
+            and step % config.checkpoint_every_steps == 0
+            and _may_write(callback)
+        ):
             _save_checkpoint(config, fingerprint, state, model, optimizer, scheduler, setup, callback)
         if early_stopped:
             break
@@ -260,7 +266,7 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
                 epoch=state.micro_batch / setup.train_source.batches_per_epoch,
                 task=config.task,
             )
-        if config.checkpoint_dir and state.step and state.step != state.last_checkpoint_step:
+        if config.checkpoint_dir and state.step and state.step != state.last_checkpoint_step and _may_write(callback):
             _save_checkpoint(config, fingerprint, state, model, optimizer, scheduler, setup, callback)
         callback.on_event(
             TrainingEvent(
@@ -304,9 +310,92 @@ class _LoopState:
 # ---------------------------------------------------------------------------------------------------- preparing
 
 
+def prepare_training_data(
+    config: TrainingConfig, folder: str | Path, callback: TrainingCallback | None = None
+) -> dict[str, Any]:
+    """Reads, splits and tokenizes ``config``'s data (training the tokenizer of a from-scratch run) into ``folder``,
+    raising TrainingDataError for anything the user must fix; returns the folder's manifest. A run whose config sets
+    ``prepared_data`` to that folder starts training without touching the data files."""
+    callback = callback or NullCallback()
+    sources = _source_fingerprints(config)
+    data = _prepare_data(config, callback, None)
+    return prepared.save_prepared(
+        prepared.PreparedData(
+            tokenizer=data.tokenizer,
+            label_names=data.label_names,
+            train=data.train,
+            validation=data.validation,
+            plain_text=data.plain_text,
+            dataset_task=str(data.dataset_task),
+            data_fingerprint=_data_fingerprint(config, sources),
+            source_fingerprints=sources,
+            skipped_rows=data.skipped_rows,
+        ),
+        folder,
+    )
+
+
+@dataclass
+class _Data:
+    tokenizer: PreTrainedTokenizerBase
+    label_names: list[str] | None
+    train: TokenizedSet
+    validation: TokenizedSet | None
+    plain_text: bool
+    dataset_task: str
+    skipped_rows: int
+
+
 def _prepare(
     config: TrainingConfig, callback: TrainingCallback, resume_from: checkpoints.CheckpointInfo | None
 ) -> _Setup:
+    data = _load_prepared_data(config) if config.prepared_data else _prepare_data(config, callback, resume_from)
+    tokenizer, label_names, tokenized_train, validation = data.tokenizer, data.label_names, data.train, data.validation
+    model = _model_for(config, tokenizer, label_names)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    source = BatchSource(
+        tokenized_train,
+        task=config.task,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        packing=config.packing,
+        max_length=config.max_length,
+        pad_token_id=pad_token_id,
+    )
+    return _Setup(
+        model=model,
+        tokenizer=tokenizer,
+        label_names=label_names,
+        train_source=source,
+        validation=validation,
+        num_parameters=modeling.count_parameters(model),
+        trainable_parameters=modeling.count_parameters(model, trainable_only=True),
+    )
+
+
+def _load_prepared_data(config: TrainingConfig) -> _Data:
+    assert config.prepared_data is not None
+    loaded = prepared.load_prepared(config.prepared_data, load_tokenizer=modeling.load_tokenizer)
+    if loaded is None:
+        raise FileNotFoundError(f"No complete prepared data in {config.prepared_data}.")
+    if loaded.data_fingerprint != _data_fingerprint(config, loaded.source_fingerprints):
+        # A platform bug, not the user's: the folder was prepared for other settings.
+        raise ValueError("The prepared data was made for other data settings than this run's.")
+    loaded.tokenizer.model_max_length = config.max_length
+    return _Data(
+        tokenizer=loaded.tokenizer,
+        label_names=loaded.label_names,
+        train=loaded.train,
+        validation=loaded.validation,
+        plain_text=loaded.plain_text,
+        dataset_task=loaded.dataset_task,
+        skipped_rows=loaded.skipped_rows,
+    )
+
+
+def _prepare_data(
+    config: TrainingConfig, callback: TrainingCallback, resume_from: checkpoints.CheckpointInfo | None
+) -> _Data:
     sets = read_example_sets(config, callback)
     label_names = None
     label_ids = None
@@ -379,25 +468,14 @@ def _prepare(
                 "No token of the validation data is trained, so there is nothing to measure.",
                 "validation_file" if sets.validation_from_file else "validation_fraction",
             )
-    model = _model_for(config, tokenizer, label_names)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    source = BatchSource(
-        tokenized_train,
-        task=config.task,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        packing=config.packing,
-        max_length=config.max_length,
-        pad_token_id=pad_token_id,
-    )
-    return _Setup(
-        model=model,
+    return _Data(
         tokenizer=tokenizer,
         label_names=label_names,
-        train_source=source,
+        train=tokenized_train,
         validation=validation,
-        num_parameters=modeling.count_parameters(model),
-        trainable_parameters=modeling.count_parameters(model, trainable_only=True),
+        plain_text=sets.plain_text,
+        dataset_task=str(sets.task),
+        skipped_rows=sets.skipped_rows,
     )
 
 
@@ -846,12 +924,48 @@ def _announce_start(
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+def _source_fingerprints(config: TrainingConfig) -> dict[str, str]:
+    """The data files' identity: their SHA-256, or, for a run on prepared data, what they were when prepared."""
+    if config.prepared_data:
+        manifest = prepared.read_manifest(config.prepared_data)
+        if manifest is None:
+            raise FileNotFoundError(f"No complete prepared data in {config.prepared_data}.")
+        return dict(manifest["source_fingerprints"])
+    sources = {"train_file_sha256": _sha256_of(config.train_file)}
+    if config.validation_file is not None:
+        sources["validation_file_sha256"] = _sha256_of(config.validation_file)
+    return sources
+
+
+# The settings that change what preparation produces (examples, split, tokenizer, tokens).
+_DATA_SETTINGS = (
+    "task",
+    "mode",
+    "architecture",
+    "vocab_size",
+    "column_mapping",
+    "validation_fraction",
+    "seed",
+    "chat_template",
+    "train_on",
+    "max_length",
+    "max_eval_examples",
+)
+
+
+def _data_fingerprint(config: TrainingConfig, sources: dict[str, str]) -> str:
+    settings = {name: getattr(config, name) for name in _DATA_SETTINGS}
+    for name in ("base_model", "tokenizer"):
+        folder = getattr(config, name)
+        if folder is not None:
+            settings[f"{name}_sha256"] = _folder_fingerprint(folder)
+    return hashlib.sha256(json.dumps({**settings, **sources}, sort_keys=True).encode()).hexdigest()
+
+
 def _run_fingerprint(config: TrainingConfig) -> str:
     """What a checkpoint must match to be resumed: every setting that changes the computation, and the data."""
     settings = {key: value for key, value in config.to_dict().items() if key not in _FINGERPRINT_IGNORES}
-    settings["train_file_sha256"] = _sha256_of(config.train_file)
-    if config.validation_file is not None:
-        settings["validation_file_sha256"] = _sha256_of(config.validation_file)
+    settings.update(_source_fingerprints(config))
     for name in ("base_model", "tokenizer"):
         folder = getattr(config, name)
         if folder is not None:
@@ -949,6 +1063,13 @@ def _save_checkpoint(
             data={"checkpoint": {"step_number": state.step, "metrics": info.metrics}},
         )
     )
+
+
+def _may_write(callback: TrainingCallback) -> bool:
+    """The callback's optional ``may_write()``: False when this run must not write anything more (a newer attempt of
+    the same job took over); callbacks without it always allow."""
+    may_write = getattr(callback, "may_write", None)
+    return bool(may_write()) if callable(may_write) else True
 
 
 def _scalar_metrics(state: _LoopState) -> dict[str, float]:

@@ -4,5 +4,6 @@ from .views import ModelDetailView, ModelListView
 
 urlpatterns = [
     path("models", ModelListView.as_view(), name="model-list"),
-    path("models/<str:model_id>", ModelDetailView.as_view(), name="model-detail"),
+    # `path`, not `str`: a fine-tuned model's name holds colons, and a suffix may hold a slash.
+    path("models/<path:model_id>", ModelDetailView.as_view(), name="model-detail"),
 ]

@@ -2,11 +2,21 @@
 
 import json
 
+from drf_spectacular.utils import OpenApiParameter, OpenApiTypes, extend_schema, inline_serializer
+from rest_framework import serializers
 from rest_framework.response import Response
 
 from apps.core.api.base import TenantAPIView
 from apps.core.api.errors import ApiError
 from apps.core.api.pagination import cursor_page
+from apps.core.api.schema import (
+    ERROR_RESPONSES,
+    ORDER_PARAMETER,
+    PAGE_PARAMETERS,
+    ErrorSerializer,
+    deleted,
+    list_of,
+)
 from apps.core.storage import object_store
 from apps.core.streaming import stream_download
 
@@ -73,15 +83,104 @@ def _int_param(raw, name: str, default: int) -> int:
         raise ApiError(f"{name} must be a whole number.", param=name) from None
 
 
+# --- Shapes for the OpenAPI schema ---------------------------------------------------------------------------------
+
+_file = inline_serializer(
+    "File",
+    {
+        "object": serializers.CharField(default="file"),
+        "id": serializers.CharField(),
+        "bytes": serializers.IntegerField(),
+        "created_at": serializers.IntegerField(),
+        "expires_at": serializers.IntegerField(allow_null=True),
+        "filename": serializers.CharField(),
+        "purpose": serializers.CharField(default="fine-tune"),
+        "status": serializers.ChoiceField(choices=["uploaded", "processed", "error"]),
+        "status_details": serializers.CharField(allow_null=True),
+        "sha256": serializers.CharField(help_text="Tunehouse: the content's SHA-256."),
+        "format": serializers.CharField(allow_null=True, help_text="Tunehouse: the format validation found."),
+        "task": serializers.CharField(allow_null=True, help_text="Tunehouse: the task the file trains."),
+        "column_mapping": serializers.DictField(allow_null=True, help_text="Tunehouse: which columns mean what."),
+        "validation_report": serializers.DictField(allow_null=True, help_text="Tunehouse: what validation found."),
+    },
+)
+_tokenizer = inline_serializer(
+    "Tokenizer",
+    {
+        "object": serializers.CharField(default="tokenizer"),
+        "id": serializers.CharField(),
+        "name": serializers.CharField(),
+        "created_at": serializers.IntegerField(),
+        "algorithm": serializers.CharField(),
+        "vocab_size": serializers.IntegerField(),
+        "special_tokens": serializers.ListField(child=serializers.CharField()),
+        "lowercase": serializers.BooleanField(),
+        "training_file": serializers.CharField(),
+        "status": serializers.ChoiceField(choices=["training", "ready", "failed"]),
+        "error": serializers.CharField(allow_null=True),
+        "report": serializers.DictField(allow_null=True),
+    },
+)
+_preview_example = inline_serializer(
+    "FilePreviewExample",
+    {
+        "line": serializers.IntegerField(help_text="The example's line in the file."),
+        "truncated": serializers.BooleanField(),
+        "num_tokens": serializers.IntegerField(),
+        "num_trained": serializers.IntegerField(),
+        "tokens": serializers.ListField(
+            child=inline_serializer(
+                "FilePreviewToken",
+                {
+                    "id": serializers.IntegerField(),
+                    "token": serializers.CharField(),
+                    "text": serializers.CharField(),
+                    "trained": serializers.BooleanField(),
+                },
+            )
+        ),
+    },
+)
+
+
 class FileListCreateView(TenantAPIView):
     model = File
 
+    @extend_schema(
+        summary="List files",
+        operation_id="listFiles",
+        parameters=[
+            *PAGE_PARAMETERS,
+            ORDER_PARAMETER,
+            OpenApiParameter("purpose", str, description="Only files of this purpose (fine-tune)."),
+        ],
+        responses={200: list_of("FileList", _file), **ERROR_RESPONSES},
+    )
     def get(self, request):
         files = self.get_queryset()
         if purpose := request.query_params.get("purpose"):
             files = files.filter(purpose=purpose)
         return Response(cursor_page(files, query_params=request.query_params, to_json=file_to_json))
 
+    @extend_schema(
+        summary="Upload a file",
+        operation_id="createFile",
+        request={
+            "multipart/form-data": inline_serializer(
+                "CreateFile",
+                {
+                    "file": serializers.FileField(
+                        help_text="The dataset: .jsonl, .json, .csv, .tsv, .parquet or .txt."
+                    ),
+                    "purpose": serializers.ChoiceField(choices=["fine-tune"]),
+                    "column_mapping": serializers.JSONField(
+                        required=False, help_text="Tunehouse: a JSON object naming which columns mean what."
+                    ),
+                },
+            )
+        },
+        responses={200: _file, 413: ErrorSerializer, **ERROR_RESPONSES},
+    )
     def post(self, request):
         limit = max_upload_bytes(self.tenant)
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -116,9 +215,15 @@ class FileListCreateView(TenantAPIView):
 class FileDetailView(TenantAPIView):
     model = File
 
+    @extend_schema(summary="Retrieve a file", operation_id="retrieveFile", responses={200: _file, **ERROR_RESPONSES})
     def get(self, request, public_id):
         return Response(file_to_json(self.get_object()))
 
+    @extend_schema(
+        summary="Delete a file",
+        operation_id="deleteFile",
+        responses={200: deleted("FileDeleted", "file"), **ERROR_RESPONSES},
+    )
     def delete(self, request, public_id):
         file = self.get_object()
         file_delete(tenant=self.tenant, file=file)
@@ -128,6 +233,11 @@ class FileDetailView(TenantAPIView):
 class FileContentView(TenantAPIView):
     model = File
 
+    @extend_schema(
+        summary="Download a file's content",
+        operation_id="downloadFile",
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ErrorSerializer},
+    )
     def get(self, request, public_id):
         file = self.get_object()
         return stream_download(request, object_store().open(file.storage_key), size=file.bytes, filename=file.filename)
@@ -148,6 +258,23 @@ class FileValidateView(TenantAPIView):
 
     model = File
 
+    @extend_schema(
+        summary="Validate a file again (Tunehouse)",
+        operation_id="validateFile",
+        request=inline_serializer(
+            "ValidateFile",
+            {
+                "tokenizer": serializers.CharField(
+                    required=False, help_text="A tokenizer id (tok-...) for the token-length histogram."
+                ),
+                "max_length": serializers.IntegerField(required=False, default=1024),
+                "validation_file": serializers.CharField(
+                    required=False, help_text="A file id (file-...) to measure the overlap with."
+                ),
+            },
+        ),
+        responses={202: _file, **ERROR_RESPONSES},
+    )
     def post(self, request, public_id):
         file = self.get_object()
         tokenizer = _tenant_tokenizer(self, request.data.get("tokenizer"))
@@ -170,6 +297,34 @@ class FilePreviewView(TenantAPIView):
 
     model = File
 
+    @extend_schema(
+        summary="Preview a file's first examples as tokens (Tunehouse)",
+        operation_id="previewFile",
+        parameters=[
+            OpenApiParameter(
+                "tokenizer",
+                str,
+                required=True,
+                description="A tokenizer id (tok-...) or a pretrained catalog model id.",
+            ),
+            OpenApiParameter("template", str, enum=["chatml", "llama3", "plain"], description="Default chatml."),
+            OpenApiParameter("train_on", str, enum=["completions", "all"], description="Default completions."),
+            OpenApiParameter("max_length", int, description="8 to 131072 (default 1024)."),
+            OpenApiParameter("limit", int, description="How many examples (default 5)."),
+        ],
+        responses={
+            200: inline_serializer(
+                "FilePreview",
+                {
+                    "object": serializers.CharField(default="list"),
+                    "data": serializers.ListField(child=_preview_example),
+                    "file": serializers.CharField(),
+                    "tokenizer": serializers.CharField(),
+                },
+            ),
+            **ERROR_RESPONSES,
+        },
+    )
     def get(self, request, public_id):
         file = self.get_object()
         params = request.query_params
@@ -199,9 +354,33 @@ class TokenizerListCreateView(TenantAPIView):
     def scoped_queryset(self):
         return Tokenizer.objects.select_related("training_file")
 
+    @extend_schema(
+        summary="List tokenizers (Tunehouse)",
+        operation_id="listTokenizers",
+        parameters=[*PAGE_PARAMETERS, ORDER_PARAMETER],
+        responses={200: list_of("TokenizerList", _tokenizer), **ERROR_RESPONSES},
+    )
     def get(self, request):
         return Response(cursor_page(self.get_queryset(), query_params=request.query_params, to_json=tokenizer_to_json))
 
+    @extend_schema(
+        summary="Train a tokenizer on a file (Tunehouse)",
+        operation_id="createTokenizer",
+        request=inline_serializer(
+            "CreateTokenizer",
+            {
+                "training_file": serializers.CharField(help_text="The id of an uploaded file (file-...)."),
+                "name": serializers.CharField(required=False),
+                "algorithm": serializers.ChoiceField(
+                    choices=["bpe", "wordpiece", "unigram"], required=False, default="bpe"
+                ),
+                "vocab_size": serializers.IntegerField(required=False, default=8000),
+                "special_tokens": serializers.ListField(child=serializers.CharField(), required=False),
+                "lowercase": serializers.BooleanField(required=False, default=False),
+            },
+        ),
+        responses={200: _tokenizer, **ERROR_RESPONSES},
+    )
     def post(self, request):
         data = request.data
         file_id = data.get("training_file")
@@ -232,9 +411,19 @@ class TokenizerDetailView(TenantAPIView):
     def scoped_queryset(self):
         return Tokenizer.objects.select_related("training_file")
 
+    @extend_schema(
+        summary="Retrieve a tokenizer (Tunehouse)",
+        operation_id="retrieveTokenizer",
+        responses={200: _tokenizer, **ERROR_RESPONSES},
+    )
     def get(self, request, public_id):
         return Response(tokenizer_to_json(self.get_object()))
 
+    @extend_schema(
+        summary="Delete a tokenizer (Tunehouse)",
+        operation_id="deleteTokenizer",
+        responses={200: deleted("TokenizerDeleted", "tokenizer"), **ERROR_RESPONSES},
+    )
     def delete(self, request, public_id):
         tokenizer_delete(tenant=self.tenant, tokenizer=self.get_object())
         return Response({"object": "tokenizer", "id": public_id, "deleted": True})

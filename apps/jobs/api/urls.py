@@ -2,19 +2,25 @@ from django.urls import path
 
 from .views import (
     JobCancelView,
+    JobCheckpointsView,
     JobDetailView,
     JobEvaluationDetailView,
     JobEvaluationListCreateView,
     JobEventsView,
     JobGenerateView,
     JobListCreateView,
+    JobPauseView,
+    JobResumeView,
 )
 
 urlpatterns = [
     path("fine_tuning/jobs", JobListCreateView.as_view(), name="job-list"),
     path("fine_tuning/jobs/<str:public_id>", JobDetailView.as_view(), name="job-detail"),
     path("fine_tuning/jobs/<str:public_id>/events", JobEventsView.as_view(), name="job-events"),
+    path("fine_tuning/jobs/<str:public_id>/checkpoints", JobCheckpointsView.as_view(), name="job-checkpoints"),
     path("fine_tuning/jobs/<str:public_id>/cancel", JobCancelView.as_view(), name="job-cancel"),
+    path("fine_tuning/jobs/<str:public_id>/pause", JobPauseView.as_view(), name="job-pause"),
+    path("fine_tuning/jobs/<str:public_id>/resume", JobResumeView.as_view(), name="job-resume"),
     path("fine_tuning/jobs/<str:public_id>/generate", JobGenerateView.as_view(), name="job-generate"),
     path("fine_tuning/jobs/<str:public_id>/evaluations", JobEvaluationListCreateView.as_view(), name="job-evaluations"),
     path(
