@@ -11,9 +11,25 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db.backends.signals import connection_created
+from django.dispatch import receiver
 from rest_framework.test import APIClient
 
 from tunehouse.localrun import free_port, start_asgi_server, start_celery_worker, stop_process, wait_until
+
+
+@receiver(connection_created)
+def _let_workers_lose_deadlocks(sender, connection, **kwargs) -> None:
+    """Between transactional tests the database is emptied with one TRUNCATE of every table, while the real workers
+    may still be finishing something (a cancelled job's last task) or running their recovery loop. PostgreSQL
+    resolves such a deadlock by aborting the session that detects it first; this one waits longest before
+    checking, so the worker's transaction is the one aborted (the workers retry), never the test's flush."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if cursor.fetchone()[0]:  # only a superuser may change it (CI's is); otherwise the default stays
+            cursor.execute("SET deadlock_timeout = '10s'")
 
 
 @dataclass

@@ -5,6 +5,6 @@ from celery import shared_task
 
 @shared_task(name="workers.tasks.preparation.prepare_job_data", acks_late=True, reject_on_worker_lost=True)
 def prepare_job_data(job_id: int) -> None:
-    from apps.jobs.services import job_prepare_data
+    from apps.jobs.execution import job_prepare_data
 
     job_prepare_data(job_id=job_id)

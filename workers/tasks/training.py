@@ -36,7 +36,7 @@ def _sigterm_stops_training() -> Iterator[threading.Event]:
 
 @shared_task(name="workers.tasks.training.run_training_job", acks_late=True, reject_on_worker_lost=True)
 def run_training_job(job_id: int) -> None:
-    from apps.jobs.services import job_run
+    from apps.jobs.execution import job_run
 
     with _sigterm_stops_training() as stopping:
         job_run(job_id=job_id, worker_stopping=stopping)

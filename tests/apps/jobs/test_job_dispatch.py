@@ -15,17 +15,9 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from apps.datasets.models import File
+from apps.jobs.execution import _JobProgress, _record_crash, failure_of
 from apps.jobs.models import FineTuningJob, JobPhase, JobStatus, JobStatusChange
-from apps.jobs.services import (
-    _JobProgress,
-    _record_crash,
-    failure_of,
-    job_create,
-    job_pause,
-    job_resume,
-    jobs_dispatch,
-    jobs_recover,
-)
+from apps.jobs.services import job_create, job_pause, job_resume, jobs_dispatch, jobs_recover
 
 pytestmark = pytest.mark.django_db
 
