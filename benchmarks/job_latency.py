@@ -17,8 +17,9 @@ websocket feed (``/ws/events/``, connected before the first POST, so nothing is 
 only once the previous one has finished (its terminal ``fine_tuning.job`` update arrived): the single ``gpu``
 worker is idle at every POST, so the figure is latency, not queueing. ``breakdown_median_seconds`` splits it with
 the database's own timestamps (same machine, same clock): the HTTP request until the job row is written, row →
-``dispatched_at`` (sent to the broker), dispatch → ``started_at`` (a worker claimed it), claim → the step-1 event row
-(file copy, model build, tokenization or its cache, the first optimizer step), row → received by the client.
+``dispatched_at`` (sent to the ``cpu`` queue, data read and tokenized there, tokenizer trained, sent to the ``gpu``
+queue), dispatch → ``started_at`` (the ``gpu`` worker claimed it), claim → the step-1 event row (prepared data
+copied, model built, the first optimizer step), row → received by the client.
 
 ``event_to_websocket``: one longer job (``--ws-steps`` steps, a metrics event every step, all kept by the platform
 below 1,000 steps) watched on its own socket ``/ws/fine_tuning/jobs/<id>/``, opened right after the POST. For every
@@ -376,7 +377,7 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
         # Where submit → first step goes: the database's timestamps for each timed job.
         parts: dict[str, list[float]] = {
             "request_to_job_row": [],
-            "job_row_to_dispatched": [],
+            "job_row_to_data_prepared_and_sent_to_gpu": [],
             "dispatched_to_claimed_by_worker": [],
             "claimed_to_step1_row": [],
             "step1_row_to_client": [],
