@@ -46,6 +46,7 @@ from .services import (
     _json_finite,
     _send,
     _transition,
+    fail_unstarted_job,
     file_engine_task,
     job_event_record,
 )
@@ -133,18 +134,8 @@ def job_prepare_data(*, job_id: int) -> None:
 def _fail_queued_job(job: FineTuningJob, error: dict) -> None:
     with transaction.atomic():
         current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
-        if current.status != JobStatus.QUEUED:
-            return
-        _transition(
-            current,
-            to_status=JobStatus.FAILED,
-            phase=JobPhase.DONE,
-            actor=SYSTEM_ACTOR,
-            error=error,
-            finished_at=timezone.now(),
-        )
-        job_event_record(job=current, level=EventLevel.ERROR, message=error["message"])
-        _job_finished_hooks(current)
+        if current.status == JobStatus.QUEUED:
+            fail_unstarted_job(current, error)
 
 
 class StopReason:
@@ -524,18 +515,24 @@ def _record_crash(job: FineTuningJob, attempt: int, exc: BaseException) -> None:
             f"{error['message']} Trying again from the last checkpoint "
             f"(attempt {attempt + 1} of {settings.JOB_MAX_ATTEMPTS})."
         )
-        _finish(
-            job,
-            attempt=attempt,
-            to_status=JobStatus.QUEUED,
-            actor="system:retry",
-            phase=JobPhase.WAITING_FOR_SLOT,
-            dispatched_at=None,
-            events=[(EventLevel.WARN, retrying)],
-        )
+        _requeue(job, attempt, actor="system:retry", event=(EventLevel.WARN, retrying))
         return
     _finish(
         job, attempt=attempt, to_status=JobStatus.FAILED, error=error, events=[(EventLevel.ERROR, error["message"])]
+    )
+
+
+def _requeue(job: FineTuningJob, attempt: int, *, actor: str, event: tuple[str, str]) -> None:
+    """Ends the attempt with the job back in the queue (it waits for a slot of its tenant, then resumes from its
+    last checkpoint on whichever worker takes it)."""
+    _finish(
+        job,
+        attempt=attempt,
+        to_status=JobStatus.QUEUED,
+        actor=actor,
+        phase=JobPhase.WAITING_FOR_SLOT,
+        dispatched_at=None,
+        events=[event],
     )
 
 
@@ -582,15 +579,7 @@ def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_
             f"The worker is shutting down: progress saved at step {result.steps_completed:,}; the job is queued "
             "again and continues on the next worker"
         )
-        _finish(
-            job,
-            attempt=attempt,
-            to_status=JobStatus.QUEUED,
-            actor="system:worker-shutdown",
-            phase=JobPhase.WAITING_FOR_SLOT,
-            dispatched_at=None,
-            events=[(EventLevel.INFO, handed_back)],
-        )
+        _requeue(job, attempt, actor="system:worker-shutdown", event=(EventLevel.INFO, handed_back))
         return
     FineTuningJob.objects.filter(pk=job.pk, attempt=attempt).update(phase=JobPhase.SAVING)
     prefix = tenant_key(job.tenant_id, "models", job.public_id)

@@ -262,17 +262,18 @@ def job_create(
 ) -> FineTuningJob:
     """Creates a job (queued at once when its files are checked). With an ``idempotency_key`` the same key and
     request again return the first job instead of a second one, also when both requests race."""
+    request = {
+        "tenant": tenant,
+        "user": user,
+        "training_file": training_file,
+        "model": model,
+        "hyperparameters": hyperparameters,
+        "suffix": suffix,
+        "validation_file": validation_file,
+        "metadata": metadata,
+    }
     if idempotency_key is None:
-        return _job_create(
-            tenant=tenant,
-            user=user,
-            training_file=training_file,
-            model=model,
-            hyperparameters=hyperparameters,
-            suffix=suffix,
-            validation_file=validation_file,
-            metadata=metadata,
-        )
+        return _job_create(**request)
     if not 1 <= len(idempotency_key) <= 255:
         raise ApiError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
     known = _job_for_idempotency_key(tenant, idempotency_key, request_fingerprint)
@@ -280,16 +281,7 @@ def job_create(
         return known
     try:
         with transaction.atomic():
-            job = _job_create(
-                tenant=tenant,
-                user=user,
-                training_file=training_file,
-                model=model,
-                hyperparameters=hyperparameters,
-                suffix=suffix,
-                validation_file=validation_file,
-                metadata=metadata,
-            )
+            job = _job_create(**request)
             # The unique (tenant, key) constraint decides a race: the loser's whole job creation rolls back.
             IdempotencyKey.objects.create(
                 tenant=tenant, key=idempotency_key, request_fingerprint=request_fingerprint, job=job
@@ -503,16 +495,22 @@ def jobs_advance_after_file_validation(*, file: File) -> None:
         if verdict == "ready":
             _enqueue(job, actor=SYSTEM_ACTOR)
         elif verdict == "failed":
-            _transition(
-                job,
-                to_status=JobStatus.FAILED,
-                phase=JobPhase.DONE,
-                actor=SYSTEM_ACTOR,
-                error=error,
-                finished_at=timezone.now(),
-            )
-            job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
-            _job_finished_hooks(job)
+            fail_unstarted_job(job, error)
+
+
+def fail_unstarted_job(job: FineTuningJob, error: dict) -> None:
+    """Ends a job that never trained (its files, or its data once read, cannot be used), with the reason. Call it
+    inside the transaction that holds the job's row."""
+    _transition(
+        job,
+        to_status=JobStatus.FAILED,
+        phase=JobPhase.DONE,
+        actor=SYSTEM_ACTOR,
+        error=error,
+        finished_at=timezone.now(),
+    )
+    job_event_record(job=job, level=EventLevel.ERROR, message=error["message"])
+    _job_finished_hooks(job)
 
 
 @transaction.atomic

@@ -319,31 +319,8 @@ def prepare_training_data(
     callback = callback or NullCallback()
     sources = _source_fingerprints(config)
     data = _prepare_data(config, callback, None)
-    return prepared.save_prepared(
-        prepared.PreparedData(
-            tokenizer=data.tokenizer,
-            label_names=data.label_names,
-            train=data.train,
-            validation=data.validation,
-            plain_text=data.plain_text,
-            dataset_task=str(data.dataset_task),
-            data_fingerprint=_data_fingerprint(config, sources),
-            source_fingerprints=sources,
-            skipped_rows=data.skipped_rows,
-        ),
-        folder,
-    )
-
-
-@dataclass
-class _Data:
-    tokenizer: PreTrainedTokenizerBase
-    label_names: list[str] | None
-    train: TokenizedSet
-    validation: TokenizedSet | None
-    plain_text: bool
-    dataset_task: str
-    skipped_rows: int
+    identity = {"data_fingerprint": _data_fingerprint(config, sources), "source_fingerprints": sources}
+    return prepared.save_prepared(dataclasses.replace(data, **identity), folder)
 
 
 def _prepare(
@@ -373,7 +350,7 @@ def _prepare(
     )
 
 
-def _load_prepared_data(config: TrainingConfig) -> _Data:
+def _load_prepared_data(config: TrainingConfig) -> prepared.PreparedData:
     assert config.prepared_data is not None
     loaded = prepared.load_prepared(config.prepared_data, load_tokenizer=modeling.load_tokenizer)
     if loaded is None:
@@ -382,20 +359,14 @@ def _load_prepared_data(config: TrainingConfig) -> _Data:
         # A platform bug, not the user's: the folder was prepared for other settings.
         raise ValueError("The prepared data was made for other data settings than this run's.")
     loaded.tokenizer.model_max_length = config.max_length
-    return _Data(
-        tokenizer=loaded.tokenizer,
-        label_names=loaded.label_names,
-        train=loaded.train,
-        validation=loaded.validation,
-        plain_text=loaded.plain_text,
-        dataset_task=loaded.dataset_task,
-        skipped_rows=loaded.skipped_rows,
-    )
+    return loaded
 
 
 def _prepare_data(
     config: TrainingConfig, callback: TrainingCallback, resume_from: checkpoints.CheckpointInfo | None
-) -> _Data:
+) -> prepared.PreparedData:
+    """The run's data made ready; its identity (``data_fingerprint``, ``source_fingerprints``) is left for
+    `prepare_training_data` to fill in, since a run that prepares its own data does not need it."""
     sets = read_example_sets(config, callback)
     label_names = None
     label_ids = None
@@ -468,7 +439,7 @@ def _prepare_data(
                 "No token of the validation data is trained, so there is nothing to measure.",
                 "validation_file" if sets.validation_from_file else "validation_fraction",
             )
-    return _Data(
+    return prepared.PreparedData(
         tokenizer=tokenizer,
         label_names=label_names,
         train=tokenized_train,

@@ -12,7 +12,7 @@ and per side (``train``, ``validation``) the token sequences as flat int32 array
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,11 @@ class PreparedData:
     validation: TokenizedSet | None
     plain_text: bool
     dataset_task: str
-    data_fingerprint: str
-    """What the data was prepared from: the files' contents and every setting that changes preparation."""
-    source_fingerprints: dict[str, str]
-    """SHA-256 of the training (and validation) file, which a resumed run's fingerprint includes."""
     skipped_rows: int = 0
+    data_fingerprint: str = ""
+    """What the data was prepared from: the files' contents and every setting that changes preparation."""
+    source_fingerprints: dict[str, str] = field(default_factory=dict)
+    """SHA-256 of the training (and validation) file, which a resumed run's fingerprint includes."""
 
 
 def save_prepared(data: PreparedData, folder: str | Path) -> dict[str, Any]:
