@@ -359,7 +359,8 @@ def _enqueue(job: FineTuningJob, *, actor: str) -> None:
 def _dispatch_after_commit() -> None:
     # After the commit: a worker must find the job queued when the message reaches it, and a rolled-back
     # transaction must send nothing.
-    transaction.on_commit(jobs_dispatch)
+    # robust: the caller's change is committed by then; a broker outage must not turn it into an error for them.
+    transaction.on_commit(jobs_dispatch, robust=True)
 
 
 def _tenant_job_limit(tenant: Tenant) -> int:
@@ -403,9 +404,17 @@ def jobs_dispatch(*, send: Callable[[int], object] | None = None) -> list[str]:
                 job.phase = JobPhase.WAITING_FOR_WORKER if job.prepared_data_prefix else JobPhase.TOKENIZING
                 job.save(update_fields=["dispatched_at", "phase"])
                 sent.append((job, job.phase))
+    delivered = []
     for job, phase in sent:
-        _send(job.pk, prepare=phase == JobPhase.TOKENIZING, send=send)
-    return [job.public_id for job, _ in sent]
+        try:
+            _send(job.pk, prepare=phase == JobPhase.TOKENIZING, send=send)
+        except Exception:
+            # The broker is unreachable: the job gives its slot back and the next recovery tick sends it again.
+            logger.warning("job %s: could not be sent to the broker; retrying shortly", job.public_id, exc_info=True)
+            FineTuningJob.objects.filter(pk=job.pk, dispatched_at=job.dispatched_at).update(dispatched_at=None)
+        else:
+            delivered.append(job.public_id)
+    return delivered
 
 
 def _send(job_pk: int, *, prepare: bool, send: Callable[[int], object] | None) -> None:

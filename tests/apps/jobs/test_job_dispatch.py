@@ -160,3 +160,14 @@ def test_a_job_retried_after_an_infrastructure_failure_fails_once_its_attempts_a
         _record_crash(job, attempt, crash)
         assert FineTuningJob.objects.get(pk=job.pk).status == ends
     assert FineTuningJob.objects.get(pk=job.pk).error["code"] == "infrastructure_error"
+
+
+def test_a_job_the_broker_could_not_take_gives_its_slot_back_for_the_next_try(tenant_a):
+    (job,) = _queued_jobs(tenant_a.tenant, 1)
+
+    def broker_down(job_id: int) -> None:
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    assert jobs_dispatch(send=broker_down) == []
+    assert FineTuningJob.objects.get(pk=job.pk).dispatched_at is None
+    assert _dispatch() == [job.public_id]  # the next recovery tick, with the broker back
