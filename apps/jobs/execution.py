@@ -9,7 +9,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import botocore.exceptions
@@ -88,6 +88,14 @@ def job_prepare_data(*, job_id: int) -> None:
         )
         if job is None:
             return  # not queued any more, prepared already, or a stale duplicate message
+        job.lease_owner = f"{socket.gethostname()}:{os.getpid()}"
+        job.lease_heartbeat_at = timezone.now()
+        job.save(update_fields=["lease_owner", "lease_heartbeat_at"])
+    with _preparation_lease(job):
+        _prepare_leased(job)
+
+
+def _prepare_leased(job: FineTuningJob) -> None:
     started = time.monotonic()
     folder = Path(settings.WORK_DIR) / "jobs" / job.public_id / f"preparing-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -270,16 +278,17 @@ class _JobProgress:
             self.stop_reason = StopReason.PAUSED
 
 
-class _LeaseHeartbeat:
-    """Refreshes the job's lease from a thread while the attempt runs, also through long silent stretches (loading
-    a model, tokenizing); a refresh that finds a newer attempt marks the executor fenced."""
+class _Heartbeat:
+    """Runs ``refresh`` every JOB_HEARTBEAT_SECONDS from a thread while the work runs, also through long silent
+    stretches (loading a model, tokenizing); ``refresh`` returns False when the work lost its claim, and then
+    ``on_lost`` is called once and the beat stops."""
 
-    def __init__(self, job: FineTuningJob, attempt: int, progress: _JobProgress):
-        self._job_pk, self._attempt, self._progress = job.pk, attempt, progress
+    def __init__(self, name: str, refresh: Callable[[], bool], on_lost: Callable[[], None] = lambda: None):
+        self._refresh, self._on_lost, self._name = refresh, on_lost, name
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job.public_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> "_LeaseHeartbeat":
+    def __enter__(self) -> "_Heartbeat":
         self._thread.start()
         return self
 
@@ -291,17 +300,45 @@ class _LeaseHeartbeat:
         try:
             while not self._done.wait(settings.JOB_HEARTBEAT_SECONDS):
                 try:
-                    refreshed = FineTuningJob.objects.filter(
-                        pk=self._job_pk, attempt=self._attempt, status=JobStatus.RUNNING
-                    ).update(lease_heartbeat_at=timezone.now())
+                    alive = self._refresh()
                 except DatabaseError:
-                    logger.warning("job %s: lease heartbeat failed; retrying", self._job_pk, exc_info=True)
+                    logger.warning("%s: heartbeat failed; retrying", self._name, exc_info=True)
                     continue
-                if not refreshed:
-                    self._progress.stop_reason = StopReason.FENCED
+                if not alive:
+                    self._on_lost()
                     return
         finally:
             connection.close()  # this thread's own connection
+
+
+def _attempt_lease(job: FineTuningJob, attempt: int, progress: _JobProgress) -> _Heartbeat:
+    """The lease of a training attempt; a refresh that finds a newer attempt marks the executor fenced."""
+
+    def refresh() -> bool:
+        return bool(
+            FineTuningJob.objects.filter(pk=job.pk, attempt=attempt, status=JobStatus.RUNNING).update(
+                lease_heartbeat_at=timezone.now()
+            )
+        )
+
+    def fenced() -> None:
+        progress.stop_reason = StopReason.FENCED
+
+    return _Heartbeat(f"lease-{job.public_id}", refresh, fenced)
+
+
+def _preparation_lease(job: FineTuningJob) -> _Heartbeat:
+    """While a `cpu` worker prepares the job's data: a preparation whose heartbeat stops (the worker died) is sent
+    again by the recovery loop after JOB_LEASE_SECONDS (`jobs_recover`)."""
+
+    def refresh() -> bool:
+        return bool(
+            FineTuningJob.objects.filter(pk=job.pk, status=JobStatus.QUEUED, prepared_data_prefix="").update(
+                lease_heartbeat_at=timezone.now()
+            )
+        )
+
+    return _Heartbeat(f"preparation-{job.public_id}", refresh)
 
 
 def _claim(job_id: int) -> FineTuningJob | None:
@@ -451,7 +488,7 @@ def job_run(*, job_id: int, worker_stopping: threading.Event | None = None) -> N
         job, attempt, checkpoint_dir=_checkpoint_dir(job), worker_stopping=worker_stopping or threading.Event()
     )
     try:
-        with _LeaseHeartbeat(job, attempt, progress):
+        with _attempt_lease(job, attempt, progress):
             _run_attempt(job, attempt, progress, work_dir)
     except TrainingDataError as exc:
         _finish(

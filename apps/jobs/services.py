@@ -9,7 +9,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.catalog.models import CatalogModel, EntryKind
@@ -434,7 +434,8 @@ def jobs_recover(*, send: Callable[[int], object] | None = None) -> dict[str, li
       gone): it is queued again (or paused / cancelled, if that was asked meanwhile) and resumes from its last
       checkpoint. The next attempt number fences the old executor off, should it still be alive.
     - A job sent to the broker JOB_REDISPATCH_SECONDS ago and still not picked up is sent again (its message may
-      have died with a Redis restart); a duplicate message is harmless, the claim takes a job once.
+      have died with a Redis restart); a duplicate message is harmless, the claim takes a job once. A data
+      preparation whose heartbeat stopped for JOB_LEASE_SECONDS (its `cpu` worker died) is sent again too.
     - Then queued jobs are dispatched into the slots that freed up.
     """
     now = timezone.now()
@@ -460,6 +461,15 @@ def jobs_recover(*, send: Callable[[int], object] | None = None) -> dict[str, li
     FineTuningJob.objects.filter(
         status=JobStatus.QUEUED,
         dispatched_at__lt=now - timedelta(seconds=settings.JOB_REDISPATCH_SECONDS),
+    ).update(dispatched_at=None)
+    # A preparation that started (its heartbeat is newer than the dispatch) and then fell silent lost its worker.
+    FineTuningJob.objects.filter(
+        status=JobStatus.QUEUED,
+        phase=JobPhase.TOKENIZING,
+        prepared_data_prefix="",
+        dispatched_at__isnull=False,
+        lease_heartbeat_at__gte=F("dispatched_at"),
+        lease_heartbeat_at__lt=now - timedelta(seconds=settings.JOB_LEASE_SECONDS),
     ).update(dispatched_at=None)
     return {"requeued": requeued, "dispatched": jobs_dispatch(send=send)}
 

@@ -171,3 +171,20 @@ def test_a_job_the_broker_could_not_take_gives_its_slot_back_for_the_next_try(te
     assert jobs_dispatch(send=broker_down) == []
     assert FineTuningJob.objects.get(pk=job.pk).dispatched_at is None
     assert _dispatch() == [job.public_id]  # the next recovery tick, with the broker back
+
+
+def test_a_data_preparation_whose_worker_died_is_sent_again(tenant_a, settings):
+    settings.JOB_LEASE_SECONDS = 5
+    settings.JOB_REDISPATCH_SECONDS = 900
+    waiting, started, stalled = _queued_jobs(tenant_a.tenant, 3)
+    settings.MAX_RUNNING_JOBS_PER_TENANT = 3
+    assert set(_dispatch()) == {waiting.public_id, started.public_id, stalled.public_id}  # all three to `cpu`
+    now = timezone.now()
+    sent = now - timedelta(seconds=30)
+    FineTuningJob.objects.filter(pk__in=[waiting.pk, started.pk, stalled.pk]).update(dispatched_at=sent)
+    # `waiting` is still in the cpu queue (no heartbeat yet), `started` beats, `stalled` stopped beating 10 s ago.
+    FineTuningJob.objects.filter(pk=started.pk).update(lease_heartbeat_at=now - timedelta(seconds=1))
+    FineTuningJob.objects.filter(pk=stalled.pk).update(lease_heartbeat_at=now - timedelta(seconds=10))
+
+    assert jobs_recover(send=lambda job_id: None)["dispatched"] == [stalled.public_id]
+    assert FineTuningJob.objects.get(pk=stalled.pk).phase == JobPhase.TOKENIZING
