@@ -44,7 +44,6 @@ from .services import (
     _dispatch_after_commit,
     _job_finished_hooks,
     _json_finite,
-    _send,
     _transition,
     fail_unstarted_job,
     file_engine_task,
@@ -76,8 +75,8 @@ class _PreparationProgress:
 
 def job_prepare_data(*, job_id: int) -> None:
     """Reads, splits and tokenizes a dispatched job's data on a `cpu` worker (training the tokenizer of a
-    from-scratch model), stores the result, then sends the job to the `gpu` queue in the same slot. Data the model
-    cannot train on fails the job here, before it takes an accelerator."""
+    from-scratch model), stores the result, then hands the job back to dispatch, which sends it to the `gpu` queue.
+    Data the model cannot train on fails the job here, before it takes an accelerator."""
     with transaction.atomic():
         job = (
             # of=("self",): PostgreSQL cannot lock the nullable side of the outer join that select_related makes.
@@ -125,9 +124,11 @@ def _prepare_leased(job: FineTuningJob) -> None:
         current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
         if current.status != JobStatus.QUEUED:
             return  # cancelled or paused meanwhile; a paused job keeps no half-done state
+        # Back to dispatch, which sends a prepared job to `gpu` (the oldest queued job of its tenant takes the slot
+        # it just gave back, normally this one) and handles a broker outage.
         current.prepared_data_prefix = prefix
-        current.phase = JobPhase.WAITING_FOR_WORKER
-        current.dispatched_at = timezone.now()
+        current.phase = JobPhase.WAITING_FOR_SLOT
+        current.dispatched_at = None
         current.save(update_fields=["prepared_data_prefix", "phase", "dispatched_at"])
         validation = sides.get("validation", {}).get("examples", 0)
         job_event_record(
@@ -136,7 +137,7 @@ def _prepare_leased(job: FineTuningJob) -> None:
             f"training examples" + (f", {validation:,} for validation" if validation else "") + ".",
             data={"prepared": {name: side["examples"] for name, side in sides.items()}},
         )
-        transaction.on_commit(lambda: _send(current.pk, prepare=False, send=None))
+        _dispatch_after_commit()
 
 
 def _fail_queued_job(job: FineTuningJob, error: dict) -> None:
