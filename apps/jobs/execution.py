@@ -164,6 +164,8 @@ class _JobProgress:
         self.checkpoint_dir = checkpoint_dir
         self.worker_stopping = worker_stopping
         self.stop_reason: str | None = None
+        # The run's own setting, once its config is built: the checkpoint rows kept match the folders it keeps.
+        self.checkpoints_kept = 1
         self._last_poll = 0.0
         self._next_metrics_step = 0
         self._last_metrics_stored = 0.0
@@ -185,8 +187,8 @@ class _JobProgress:
         job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=data)
 
     def _record_progress(self, data: dict) -> None:
-        # Fenced update: only the current attempt may move the progress.
-        progress: dict = {"lease_heartbeat_at": timezone.now()}
+        # Fenced update: only the current attempt may move the progress (the lease is the heartbeat thread's).
+        progress: dict = {}
         for field, key in (
             ("steps_completed", "step"),
             ("total_steps", "total_steps"),
@@ -195,7 +197,7 @@ class _JobProgress:
             # An evaluation-only event may lack the training loss: keep the last one rather than blank it.
             if data.get(key) is not None:
                 progress[field] = data[key]
-        if not FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(**progress):
+        if progress and not FineTuningJob.objects.filter(pk=self.job.pk, attempt=self.attempt).update(**progress):
             self.stop_reason = StopReason.FENCED
 
     def _metrics_worth_storing(self, data: dict) -> bool:
@@ -239,15 +241,11 @@ class _JobProgress:
                     "storage_prefix": prefix,
                 },
             )
-            stale = list(JobCheckpoint.objects.filter(job=self.job).order_by("-step_number")[self._kept :])
+            stale = list(JobCheckpoint.objects.filter(job=self.job).order_by("-step_number")[self.checkpoints_kept :])
             for old in stale:
                 transaction.on_commit(lambda prefix=old.storage_prefix: object_store().delete_prefix(prefix + "/"))
                 old.delete()
         return True
-
-    @property
-    def _kept(self) -> int:
-        return int(self.job.hyperparameters.get("checkpoints_kept") or 2)
 
     # -- control -----------------------------------------------------------------------------------------------
     def should_stop(self) -> bool:
@@ -587,6 +585,7 @@ def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_
     )
     from workers.ml.engine import run_training  # the engine (peft, scikit-learn) loads on workers only
 
+    progress.checkpoints_kept = config.checkpoints_kept
     result = run_training(config, progress)
     reason = progress.stop_reason
     if reason == StopReason.FENCED:

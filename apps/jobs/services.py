@@ -440,20 +440,13 @@ def jobs_recover(*, send: Callable[[int], object] | None = None) -> dict[str, li
     """
     now = timezone.now()
     requeued: list[str] = []
-    stale = FineTuningJob.objects.filter(
+    lost = FineTuningJob.objects.filter(
         status=JobStatus.RUNNING, lease_heartbeat_at__lt=now - timedelta(seconds=settings.JOB_LEASE_SECONDS)
-    ).values_list("pk", flat=True)
-    for job_pk in list(stale):
+    )
+    for job_pk in list(lost.values_list("pk", flat=True)):
         with transaction.atomic():
-            job = (
-                FineTuningJob.objects.select_for_update(skip_locked=True)
-                .filter(
-                    pk=job_pk,
-                    status=JobStatus.RUNNING,
-                    lease_heartbeat_at__lt=now - timedelta(seconds=settings.JOB_LEASE_SECONDS),
-                )
-                .first()
-            )
+            # Checked again under the row lock: the lease may have been refreshed since the first look.
+            job = lost.select_for_update(skip_locked=True).filter(pk=job_pk).first()
             if job is None:
                 continue
             _release_lost_job(job)
