@@ -264,6 +264,22 @@ def probe_dashboard_job(w):
     _assert_not_found(w["browser_b"].get(f"/jobs/{w['job'].public_id}/"))
 
 
+def probe_dashboard_page(path: str):
+    """A tenant-wide dashboard page: B sees its own (empty) workspace, none of A's ids or names."""
+
+    def probe(w):
+        response = w["browser_b"].get(path)
+        assert response.status_code == 200
+        _assert_no_leak(response, w)
+
+    return probe
+
+
+def probe_dashboard_compare(w):
+    # Naming A's job among the runs to compare is "not found", not a page with A's hyperparameters.
+    _assert_not_found(w["browser_b"].get(f"/jobs/compare/?jobs={w['job'].public_id}"))
+
+
 def probe_switch_tenant(w):
     _assert_not_found(w["browser_b"].post("/tenants/switch/", {"tenant_id": w["a"].tenant.pk}))
 
@@ -445,6 +461,12 @@ HTTP_PROBES = {
     "dashboard:signup": probe_public_page("/signup/"),
     "dashboard:switch-tenant": probe_switch_tenant,
     "dashboard:job-detail": probe_dashboard_job,
+    "dashboard:job-compare": probe_dashboard_compare,
+    "dashboard:datasets": probe_dashboard_page("/datasets/"),
+    "dashboard:catalog": probe_dashboard_page("/models/"),
+    "dashboard:jobs": probe_dashboard_page("/jobs/"),
+    "dashboard:job-new": probe_dashboard_page("/jobs/new/"),
+    "dashboard:settings": probe_dashboard_page("/settings/"),
     "dashboard:api-keys": probe_api_keys,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}

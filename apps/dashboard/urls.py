@@ -1,17 +1,23 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views
+from . import views, views_jobs, views_new_job, views_workspace
 
 app_name = "dashboard"
 
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("", views_workspace.home, name="home"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("signup/", views.signup, name="signup"),
     path("tenants/switch/", views.switch_tenant, name="switch-tenant"),
-    path("jobs/<str:public_id>/", views.job_detail, name="job-detail"),
+    path("datasets/", views_workspace.datasets, name="datasets"),
+    path("models/", views_new_job.catalog, name="catalog"),
+    path("jobs/", views_workspace.jobs, name="jobs"),
+    path("jobs/new/", views_new_job.new_job, name="job-new"),
+    path("jobs/compare/", views_jobs.compare, name="job-compare"),
+    path("jobs/<str:public_id>/", views_jobs.job_detail, name="job-detail"),
+    path("settings/", views_workspace.settings_page, name="settings"),
     path("settings/api-keys/", views.api_keys, name="api-keys"),
     path("files/<str:public_id>/", views.file_detail, name="file-detail"),
     path("files/<str:public_id>/errors.csv", views.file_errors_csv, name="file-errors-csv"),

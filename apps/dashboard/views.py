@@ -11,17 +11,14 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from apps.catalog.selectors import catalog_list
 from apps.core.csv_export import csv_text
+from apps.dashboard.access import require_tenant, tenant_object_or_404
 from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
 from apps.datasets.services import PREVIEW_MAX_EXAMPLES
-from apps.jobs.selectors import files_trainable, job_get, job_list
-from apps.jobs.serialization import job_to_json
 from apps.tenancy.context import SESSION_TENANT_KEY
 from apps.tenancy.models import ApiKey
 from apps.tenancy.selectors import api_keys_for_tenant, membership_get
 from apps.tenancy.services import api_key_create, api_key_revoke, user_sign_up
-from workers.ml.config import TrainingConfig
 from workers.ml.data.templates import CHAT_TEMPLATES
 from workers.ml.tokenizer_training import TOKENIZER_ALGORITHMS
 
@@ -56,21 +53,6 @@ def signup(request):
     return render(request, "registration/signup.html", {"form": form})
 
 
-def _require_tenant(request):
-    context = request.tenant_context
-    if context is None:
-        raise Http404("You are not a member of any team.")
-    return context
-
-
-def _tenant_object_or_404(request, selector, public_id: str, what: str):
-    """One of the active tenant's objects by public id; another tenant's id is simply not found."""
-    found = selector(tenant=_require_tenant(request).tenant, public_id=public_id)
-    if found is None:
-        raise Http404(f"No such {what}.")
-    return found
-
-
 @login_required
 @require_POST
 def switch_tenant(request):
@@ -84,41 +66,9 @@ def switch_tenant(request):
     return redirect("dashboard:home")
 
 
-def _hyperparameter_fields() -> list[dict]:
-    """The tunable fields of the training config with their defaults, for the new-job form."""
-    defaults = TrainingConfig(train_file="-", output_dir="-")
-    # learning_rate is left blank: its default depends on the mode (from scratch, full or LoRA).
-    shown = ["n_epochs", "max_steps", "batch_size", "learning_rate", "max_length", "vocab_size", "seed"]
-    return [{"name": name, "default": "" if name == "learning_rate" else getattr(defaults, name)} for name in shown]
-
-
-@login_required
-def home(request):
-    context = _require_tenant(request)
-    return render(
-        request,
-        "dashboard/home.html",
-        {
-            "files": file_list(tenant=context.tenant)[:50],
-            "trainable_files": files_trainable(tenant=context.tenant)[:50],
-            "jobs": job_list(tenant=context.tenant)[:50],
-            "catalog": [entry for entry in catalog_list() if entry.status == "ready"],
-            "hyperparameters": _hyperparameter_fields(),
-            # The smallest general-purpose entry: trains on any text, chat or prompt/completion file in seconds.
-            "default_model": "gpt2-tiny",
-        },
-    )
-
-
-@login_required
-def job_detail(request, public_id: str):
-    job = _tenant_object_or_404(request, job_get, public_id, "job")
-    return render(request, "dashboard/job_detail.html", {"job": job, "job_json": job_to_json(job)})
-
-
 @login_required
 def api_keys(request):
-    context = _require_tenant(request)
+    context = require_tenant(request)
     new_secret = None
     if request.method == "POST":
         if not context.can_manage:
@@ -145,7 +95,7 @@ def api_keys(request):
 
 @login_required
 def file_detail(request, public_id: str):
-    file = _tenant_object_or_404(request, file_get, public_id, "file")
+    file = tenant_object_or_404(request, file_get, public_id, "file")
     return render(
         request,
         "dashboard/file_detail.html",
@@ -162,7 +112,7 @@ def file_detail(request, public_id: str):
 @login_required
 def file_errors_csv(request, public_id: str):
     """The validation errors as CSV; cells are neutralised so a spreadsheet never runs user data as a formula."""
-    file = _tenant_object_or_404(request, file_get, public_id, "file")
+    file = tenant_object_or_404(request, file_get, public_id, "file")
     errors = (file.validation_report or {}).get("errors") or []
     body = csv_text(["line", "code", "message"], ([e.get("line"), e.get("code"), e.get("message")] for e in errors))
     response = HttpResponse(body, content_type="text/csv; charset=utf-8")
@@ -172,7 +122,7 @@ def file_errors_csv(request, public_id: str):
 
 @login_required
 def tokenizers(request):
-    context = _require_tenant(request)
+    context = require_tenant(request)
     return render(
         request,
         "dashboard/tokenizers.html",
@@ -186,5 +136,5 @@ def tokenizers(request):
 
 @login_required
 def tokenizer_detail(request, public_id: str):
-    tokenizer = _tenant_object_or_404(request, tokenizer_get, public_id, "tokenizer")
+    tokenizer = tenant_object_or_404(request, tokenizer_get, public_id, "tokenizer")
     return render(request, "dashboard/tokenizer_detail.html", {"tokenizer": tokenizer, "report": tokenizer.report})

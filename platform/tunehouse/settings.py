@@ -51,6 +51,8 @@ INSTALLED_APPS = [
     # Swagger UI's files served from this server: the API docs work offline, with no CDN.
     "drf_spectacular_sidecar",
     "channels",
+    # htmx for partial page updates, served from the wheel (no CDN).
+    "django_htmx",
     "apps.core",
     "apps.tenancy",
     "apps.datasets",
@@ -70,6 +72,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "apps.tenancy.middleware.ActiveTenantMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
 ]
 
 ROOT_URLCONF = "tunehouse.urls"
@@ -189,6 +192,12 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = DEBUG
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    # plotly.js from the pinned plotly wheel (see apps/dashboard/vendor_static.py)
+    "apps.dashboard.vendor_static.VendoredPackageFinder",
+]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
