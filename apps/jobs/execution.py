@@ -37,6 +37,7 @@ from .models import (
     JobPhase,
     JobStatus,
 )
+from .selectors import metrics_have_evaluation
 from .serialization import fine_tuned_model_name
 from .services import (
     _CANCEL_REQUESTED,
@@ -205,7 +206,8 @@ class _JobProgress:
         least one every METRICS_MAX_SILENCE_SECONDS): what a chart draws, not one row per step of a long job."""
         step, total = data.get("step") or 0, data.get("total_steps") or 0
         now = time.monotonic()
-        has_evaluation = any(key.startswith(("validation_", "eval_")) for key in data)
+        # The engine names evaluation metrics valid_loss, accuracy, bleu...: every number that is not a training key.
+        has_evaluation = metrics_have_evaluation(data)
         keep = (
             step >= self._next_metrics_step
             or has_evaluation

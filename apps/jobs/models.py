@@ -92,7 +92,13 @@ class FineTuningJob(TenantOwnedModel):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["tenant", "status"])]
+        # The dashboard at scale (benchmarks/dashboard_pages.py): a tenant's job list newest first, the same by
+        # status (and its counts), and the jobs finished this month (usage), each read from an index, never sorted.
+        indexes = [
+            models.Index(fields=["tenant", "-created_at", "-id"], name="job_tenant_newest"),
+            models.Index(fields=["tenant", "status", "-created_at", "-id"], name="job_tenant_status_newest"),
+            models.Index(fields=["tenant", "finished_at"], name="job_tenant_finished"),
+        ]
 
     def __str__(self) -> str:
         return self.public_id
@@ -165,7 +171,11 @@ class JobEvent(TenantOwnedModel):
 
     class Meta:
         ordering = ["id"]
-        indexes = [models.Index(fields=["job", "id"])]
+        # (job, type, id): a job's metrics series without reading its message events.
+        indexes = [
+            models.Index(fields=["job", "id"]),
+            models.Index(fields=["job", "type", "id"], name="jobevent_job_type_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.public_id}: {self.message}"

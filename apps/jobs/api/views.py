@@ -16,12 +16,17 @@ from apps.datasets.selectors import file_get
 
 from ..models import FineTuningJob
 from ..openai_requests import job_create_from_openai_request, parse_metadata_filter
+from ..preflight import job_estimate_from_openai_request
 from ..selectors import (
+    METRICS_SERIES_DEFAULT_POINTS,
+    METRICS_SERIES_MAX_POINTS,
+    METRICS_SERIES_MIN_POINTS,
     job_checkpoint_get,
     job_checkpoints_newest_first,
     job_evaluation_get,
     job_evaluations,
     job_events_newest_first,
+    job_metrics_series,
     jobs_matching_metadata,
 )
 from ..serialization import checkpoint_to_json, evaluation_to_json, event_to_json, job_to_json
@@ -194,6 +199,24 @@ class JobListCreateView(TenantAPIView):
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
         return Response(job_to_json(job))
+
+
+class JobEstimateView(TenantAPIView):
+    """Tunehouse extension: the pre-flight estimate of a job before it is created (apps.jobs.preflight)."""
+
+    model = FineTuningJob
+
+    @extend_schema(
+        summary="Estimate a fine-tuning job before creating it (Tunehouse)",
+        operation_id="estimateFineTuningJob",
+        description="The create-job body plus target_device (cpu, nvidia-h100, nvidia-h200): examples and tokens, "
+        "rows packed and padded, steps, memory against the device, expected duration (measured throughput of recent "
+        "jobs of the model, else FLOPs) and warnings, each with one-click fixes as field/value pairs.",
+        request=CreateFineTuningJob,
+        responses={200: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
+    )
+    def post(self, request):
+        return Response(job_estimate_from_openai_request(tenant=self.tenant, body=request.data))
 
 
 class JobDetailView(TenantAPIView):
@@ -405,3 +428,62 @@ class JobEvaluationDetailView(TenantAPIView):
         if evaluation is None:
             raise ApiError(f"No such evaluation: {evaluation_id}.", code="not_found", status_code=404)
         return Response(evaluation_to_json(evaluation))
+
+
+def _parse_max_points(raw: str | None) -> int:
+    if raw in (None, ""):
+        return METRICS_SERIES_DEFAULT_POINTS
+    try:
+        max_points = int(raw)
+    except ValueError:
+        max_points = None
+    if max_points is None or not METRICS_SERIES_MIN_POINTS <= max_points <= METRICS_SERIES_MAX_POINTS:
+        raise ApiError(
+            f"max_points must be a whole number between {METRICS_SERIES_MIN_POINTS} and {METRICS_SERIES_MAX_POINTS}.",
+            param="max_points",
+        )
+    return max_points
+
+
+class JobMetricsView(TenantAPIView):
+    """Tunehouse extension: the job's metrics as chart points, one per step (the latest attempt's), thinned
+    server-side to `max_points` (first and last step and every evaluation kept) so a long job draws fast."""
+
+    model = FineTuningJob
+
+    @extend_schema(
+        summary="A job's metrics series (Tunehouse)",
+        operation_id="listFineTuningJobMetrics",
+        parameters=[
+            OpenApiParameter("max_points", int, description="At most this many points (10 to 5000, default 500).")
+        ],
+        responses={
+            200: inline_serializer(
+                "FineTuningJobMetrics",
+                {
+                    "object": serializers.CharField(default="list"),
+                    "data": serializers.ListField(
+                        child=serializers.DictField(),
+                        help_text="Points in step order: step, attempt, train_loss, learning_rate, grad_norm, "
+                        "tokens_per_second, epoch... and the evaluation's numbers (valid_loss...) where one ran.",
+                    ),
+                    "downsampled": serializers.BooleanField(),
+                    "total_points": serializers.IntegerField(help_text="Points before downsampling."),
+                    "evaluation_metrics": serializers.ListField(child=serializers.CharField()),
+                },
+            ),
+            **ERROR_RESPONSES,
+        },
+    )
+    def get(self, request, public_id):
+        max_points = _parse_max_points(request.query_params.get("max_points"))
+        series = job_metrics_series(job=self.get_object(), max_points=max_points)
+        return Response(
+            {
+                "object": "list",
+                "data": series.points,
+                "downsampled": series.downsampled,
+                "total_points": series.total_points,
+                "evaluation_metrics": series.evaluation_metrics,
+            }
+        )
