@@ -212,6 +212,24 @@ def probe_job_list(w):
     assert FineTuningJob.objects.count() == 1
 
 
+def probe_job_estimate(w):
+    # Naming A's file as the training or the validation file is "not found", in the OpenAI error shape.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/e"
+    )
+    for body in (
+        {"model": "gpt2-tiny", "training_file": w["file"].public_id},
+        {"model": "gpt2-tiny", "training_file": own.public_id, "validation_file": w["file"].public_id},
+    ):
+        for client in (w["api_b"], w["browser_b"]):
+            response = client.post("/v1/fine_tuning/jobs/estimate", body, content_type="application/json")
+            _assert_not_found(response)
+            error = response.json()["error"]
+            assert error["code"] == "not_found" and error["param"] in ("training_file", "validation_file")
+            # Only B's own input is echoed: nothing A named or measured.
+            assert b"secret-corpus" not in response.content
+
+
 def probe_job_detail(w):
     _assert_not_found(w["api_b"].get(f"/v1/fine_tuning/jobs/{w['job'].public_id}"))
 
@@ -238,6 +256,16 @@ def probe_job_checkpoints(w):
     path = f"/v1/fine_tuning/jobs/{w['job'].public_id}/checkpoints"
     for client in (w["api_b"], w["browser_b"]):
         _assert_not_found(client.get(path))
+
+
+def probe_job_metrics(w):
+    job_event_record(job=w["job"], message="step 1", event_type="metrics", data={"step": 1, "train_loss": 2.5})
+    path = f"/v1/fine_tuning/jobs/{w['job'].public_id}/metrics"
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(path)
+        _assert_not_found(response)
+        assert response.json()["error"]["code"] == "not_found"
+        _assert_no_leak(response, w)
 
 
 def probe_job_pause(w):
@@ -273,6 +301,24 @@ def probe_dashboard_page(path: str):
         _assert_no_leak(response, w)
 
     return probe
+
+
+def probe_dashboard_settings(w):
+    """B's settings show B's team only; changing or removing A's memberships by id is "not found", changes nothing."""
+    from apps.tenancy.models import Membership
+
+    probe_dashboard_page("/settings/")(w)
+    assert w["a"].owner.username.encode() not in w["browser_b"].get("/settings/").content
+    a_owner = Membership.objects.get(tenant=w["a"].tenant, user=w["a"].owner)
+    for change in (
+        {"action": "change_role", "membership_id": a_owner.pk, "role": "viewer"},
+        {"action": "remove", "membership_id": a_owner.pk},
+    ):
+        _assert_not_found(w["browser_b"].post("/settings/", change))
+    assert Membership.objects.filter(pk=a_owner.pk, role="owner").exists()
+    # The htmx parts of B's workspace pages hold nothing of A's either.
+    for path, target in (("/", "running-work"), ("/datasets/", "file-list"), ("/jobs/", "job-list")):
+        _assert_no_leak(w["browser_b"].get(path, HTTP_HX_REQUEST="true", HTTP_HX_TARGET=target), w)
 
 
 def probe_dashboard_compare(w):
@@ -445,11 +491,13 @@ HTTP_PROBES = {
     "dashboard:tokenizers": probe_dashboard_tokenizers,
     "dashboard:tokenizer-detail": probe_dashboard_tokenizer,
     "api:job-list": probe_job_list,
+    "api:job-estimate": probe_job_estimate,
     "api:job-detail": probe_job_detail,
     "api:job-events": probe_job_events,
     "api:job-cancel": probe_job_cancel,
     "api:job-generate": probe_job_generate,
     "api:job-checkpoints": probe_job_checkpoints,
+    "api:job-metrics": probe_job_metrics,
     "api:job-pause": probe_job_pause,
     "api:job-resume": probe_job_resume,
     # The schema and its docs page are public (see SPECTACULAR_SETTINGS): they hold no tenant's data.
@@ -466,7 +514,7 @@ HTTP_PROBES = {
     "dashboard:catalog": probe_dashboard_page("/models/"),
     "dashboard:jobs": probe_dashboard_page("/jobs/"),
     "dashboard:job-new": probe_dashboard_page("/jobs/new/"),
-    "dashboard:settings": probe_dashboard_page("/settings/"),
+    "dashboard:settings": probe_dashboard_settings,
     "dashboard:api-keys": probe_api_keys,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}

@@ -1,9 +1,9 @@
 """Reads for tenancy: which tenants a user may act in, and in which role."""
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Case, QuerySet, Value, When
 
-from .models import ApiKey, Membership, Tenant
+from .models import ApiKey, Membership, Role, Tenant
 
 
 def memberships_for_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -22,3 +22,9 @@ def default_membership(*, user: AbstractBaseUser) -> Membership | None:
 
 def api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
     return ApiKey.objects.for_tenant(tenant).select_related("created_by")
+
+
+def memberships_for_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
+    """The team's members, owners first, for the settings page."""
+    ordering = Case(*(When(role=role, then=Value(rank)) for rank, role in enumerate(Role.values)), default=Value(99))
+    return Membership.objects.filter(tenant=tenant).select_related("user").order_by(ordering, "user__username")

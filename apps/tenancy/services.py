@@ -7,12 +7,12 @@ from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
-from .models import ApiKey, Membership, Role, Tenant
+from .models import ROLES_THAT_CAN_MANAGE, ApiKey, Membership, Role, Tenant
 
 API_KEY_PREFIX = "th-"
 # Writing last_used_at on every request would turn each API call into a write; once a minute is enough to see it.
@@ -61,6 +61,80 @@ def user_sign_up(*, email: str, password: str, tenant_name: str) -> tuple[Abstra
 def membership_add(*, tenant: Tenant, user: AbstractBaseUser, role: str = Role.MEMBER) -> Membership:
     membership, _ = Membership.objects.update_or_create(tenant=tenant, user=user, defaults={"role": role})
     return membership
+
+
+def _role_or_error(role: str) -> Role:
+    if role not in Role.values:
+        raise ValidationError({"role": f"Choose one of the roles: {', '.join(Role.values)}."})
+    return Role(role)
+
+
+def _locked_manager_role(*, tenant: Tenant, actor: AbstractBaseUser) -> Role:
+    """The actor's role, read after locking the tenant row: membership changes of one tenant run one at a time, so
+    two owners demoting each other at once cannot leave the team without an owner."""
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+    role = Membership.objects.filter(tenant=tenant, user_id=actor.pk).values_list("role", flat=True).first()
+    if role not in ROLES_THAT_CAN_MANAGE:
+        raise PermissionDenied("Only the team's owners and admins can manage its members.")
+    return Role(role)
+
+
+def _check_may_touch(*, actor_role: Role, current_role: str, new_role: str | None) -> None:
+    # Admins run the team day to day; ownership (who can remove whom) stays with the owners.
+    if actor_role != Role.OWNER and Role.OWNER in (current_role, new_role):
+        raise PermissionDenied("Only an owner can grant, change or remove the owner role.")
+
+
+def _check_keeps_an_owner(*, membership: Membership) -> None:
+    if membership.role != Role.OWNER:
+        return
+    owners = Membership.objects.filter(tenant_id=membership.tenant_id, role=Role.OWNER).count()
+    if owners <= 1:
+        raise ValidationError("A team needs at least one owner: make someone else owner first.")
+
+
+def membership_add_by_email(*, tenant: Tenant, actor: AbstractBaseUser, email: str, role: str) -> Membership:
+    """Adds an existing account to the team; people without an account sign up first (no invitations by mail)."""
+    role = _role_or_error(role)
+    email = email.strip().lower()
+    if not email:
+        raise ValidationError({"email": "Enter the email address the person signs in with."})
+    user = get_user_model().objects.filter(username__iexact=email).first()
+    if user is None:
+        user = get_user_model().objects.filter(email__iexact=email).order_by("pk").first()
+    with transaction.atomic():
+        actor_role = _locked_manager_role(tenant=tenant, actor=actor)
+        _check_may_touch(actor_role=actor_role, current_role="", new_role=role)
+        if user is None:
+            raise ValidationError({"email": f"No account uses {email}; ask them to sign up first, then add them."})
+        if Membership.objects.filter(tenant=tenant, user=user).exists():
+            raise ValidationError({"email": f"{email} is already a member of this team."})
+        return Membership.objects.create(tenant=tenant, user=user, role=role)
+
+
+def membership_change_role(*, tenant: Tenant, actor: AbstractBaseUser, membership_id: int, role: str) -> Membership:
+    """Raises Membership.DoesNotExist for another tenant's membership id (404 for the caller)."""
+    role = _role_or_error(role)
+    with transaction.atomic():
+        actor_role = _locked_manager_role(tenant=tenant, actor=actor)
+        membership = Membership.objects.select_related("user").get(tenant=tenant, pk=membership_id)
+        if membership.role == role:
+            return membership
+        _check_may_touch(actor_role=actor_role, current_role=membership.role, new_role=role)
+        _check_keeps_an_owner(membership=membership)
+        membership.role = role
+        membership.save(update_fields=["role"])
+    return membership
+
+
+def membership_remove(*, tenant: Tenant, actor: AbstractBaseUser, membership_id: int) -> None:
+    """Raises Membership.DoesNotExist for another tenant's membership id (404 for the caller)."""
+    with transaction.atomic():
+        actor_role = _locked_manager_role(tenant=tenant, actor=actor)
+        membership = Membership.objects.get(tenant=tenant, pk=membership_id)
+        _check_may_touch(actor_role=actor_role, current_role=membership.role, new_role=None)
+        _check_keeps_an_owner(membership=membership)
+        membership.delete()
 
 
 def api_key_create(*, tenant: Tenant, user: AbstractBaseUser | None, name: str) -> CreatedApiKey:
