@@ -11,6 +11,8 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from apps.catalog.models import EntryKind, EntryStatus
+from apps.catalog.selectors import catalog_list
 from apps.core.csv_export import csv_text
 from apps.dashboard.access import require_tenant, tenant_object_or_404
 from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
@@ -103,6 +105,12 @@ def file_detail(request, public_id: str):
             "file": file,
             "report": file.validation_report or {},
             "tokenizers": tokenizer_list(tenant=file.tenant).filter(status="ready"),
+            # A pretrained model's own tokenizer previews what fine-tuning that model will train on.
+            "model_tokenizers": [
+                entry.model_id
+                for entry in catalog_list()
+                if entry.kind == EntryKind.PRETRAINED and entry.status == EntryStatus.READY
+            ],
             "templates": CHAT_TEMPLATES,
             "preview_max": PREVIEW_MAX_EXAMPLES,
         },

@@ -571,5 +571,10 @@
     }
   }
 
+  // The server wrote the timeline in UTC; shown in the reader's local time, like the entries added live.
+  for (const time of document.querySelectorAll("#status-timeline time[datetime]")) {
+    time.textContent = new Date(time.dateTime).toLocaleString();
+  }
+
   start();
 })();
