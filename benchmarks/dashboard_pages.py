@@ -43,18 +43,11 @@ for _folder in (REPOSITORY_ROOT / "platform", REPOSITORY_ROOT):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
+from benchmarks.machine import cpu_model  # noqa: E402  (the repository root is on sys.path from here)
+
 GOAL_P95_MILLISECONDS = 150.0
 FILES_IN_BIG_TENANT = 20
 ERRORS_PER_REPORT = 500
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
@@ -296,7 +289,7 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "metrics_series_uncached_big_job": uncached_series,
         "goal_p95_milliseconds": GOAL_P95_MILLISECONDS,
         "goal_met": all(entry["big_p95_ms"] <= GOAL_P95_MILLISECONDS for entry in pages.values()),
-        "machine": {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
     }
 
 

@@ -64,6 +64,8 @@ for _folder in (PLATFORM_DIR, REPOSITORY_ROOT):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
+from benchmarks.machine import cpu_model  # noqa: E402  (the repository root is on sys.path from here)
+
 GOAL_SUBMIT_P50_SECONDS = 5.0
 GOAL_EVENT_P95_MILLISECONDS = 250.0
 _TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -216,15 +218,6 @@ def _summary(values: list[float], scale: float, digits: int) -> dict[str, Any]:
 
 def _timestamp(value: datetime | None) -> float | None:
     return value.timestamp() if value else None
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -399,7 +392,7 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
         event_summary = _summary(event_delays, 1000, 1)
         return {
             "benchmark": "job latency through the real web, Redis and Celery processes (SQLite)",
-            "machine": {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
             "settings": {
                 "model": "gpt2-tiny",
                 "jobs": arguments.jobs,

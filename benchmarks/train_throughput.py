@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -60,6 +59,8 @@ from typing import Any
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))
+
+from benchmarks.machine import cpu_model  # noqa: E402  (the repository root is on sys.path from here)
 
 # bf16 dense peak of an H100 / H200 SXM, in FLOP/s.
 _PEAK_FLOPS = 989e12
@@ -369,12 +370,7 @@ def _device_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(torch.device(device))
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def main() -> None:
