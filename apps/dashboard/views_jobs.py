@@ -15,6 +15,7 @@ from apps.jobs.selectors import (
     job_get,
     job_latest_samples,
     job_status_history,
+    job_training_samples,
     jobs_comparison_rows,
     jobs_recent,
 )
@@ -38,11 +39,19 @@ def job_detail(request, public_id: str):
         "job_json": job_to_json(job),
         "status_history": job_status_history(job=job),
         "checkpoints": checkpoints,
-        "samples_evaluation": job_latest_samples(job=job),
+        **_samples(job),
         # Listed even before the job succeeds: the form appears live, without a reload, when it does.
         "evaluation_files": files_evaluable(tenant=job.tenant),
     }
     return render(request, "dashboard/job_detail.html", context)
+
+
+def _samples(job) -> dict:
+    """The page's sample predictions: the newest evaluation's, else the training run's own final ones."""
+    evaluation = job_latest_samples(job=job)
+    if evaluation is not None:
+        return {"samples": evaluation.samples, "samples_evaluation": evaluation}
+    return {"samples": job_training_samples(job=job), "samples_evaluation": None}
 
 
 def _requested_job_ids(raw: str) -> list[str]:

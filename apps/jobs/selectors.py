@@ -359,3 +359,33 @@ def jobs_comparison_rows(*, jobs: list[FineTuningJob]) -> list[dict]:
     metric_names = sorted({name for job in jobs for name in (job.metrics or {})})
     rows += [row(name, [(job.metrics or {}).get(name) for job in jobs], group="metric") for name in metric_names]
     return rows
+
+
+TRAINING_SAMPLES_CACHE_SECONDS = 24 * 3600
+
+
+def job_training_samples(*, job: FineTuningJob) -> list[dict]:
+    """The sample predictions of the run's final evaluation on its validation split, from the run report stored
+    beside the model (`training_report.json`); [] when the run had no validation data or no model yet.
+
+    A succeeded job's report never changes, so it is read from the object store once and then from the cache."""
+    if job.status != "succeeded" or not job.model_storage_prefix:
+        return []
+    import json
+
+    from django.core.cache import cache
+
+    from apps.core.storage import object_store
+    from workers.ml.engine import REPORT_FILENAME
+    from workers.storage import ObjectNotFound
+
+    key = f"tenants:{job.tenant_id}:jobs:{job.public_id}:training-samples"
+    samples = cache.get(key)
+    if samples is None:
+        try:
+            report = json.loads(object_store().get_bytes(f"{job.model_storage_prefix}/{REPORT_FILENAME}"))
+        except (ObjectNotFound, ValueError):
+            report = {}
+        samples = [sample for sample in report.get("sample_predictions") or [] if isinstance(sample, dict)]
+        cache.set(key, samples, TRAINING_SAMPLES_CACHE_SECONDS)
+    return samples

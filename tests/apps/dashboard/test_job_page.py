@@ -188,3 +188,37 @@ def test_another_tenants_job_page_is_not_found(tenant_b, finished_job):
     client.force_login(tenant_b.owner)
 
     assert client.get(f"/jobs/{finished_job.public_id}/").status_code == 404
+
+
+def test_without_an_evaluation_the_page_shows_the_runs_own_sample_predictions(browser, tenant_a):
+    import json
+
+    from apps.core.storage import object_store, tenant_key
+
+    job = _job(tenant_a.tenant, status="succeeded", phase="done")
+    job.model_storage_prefix = tenant_key(tenant_a.tenant.pk, "models", job.public_id)
+    job.save(update_fields=["model_storage_prefix"])
+    report = {
+        "sample_predictions": [
+            {"input": "the film was <b>great</b>", "reference": "positive", "prediction": "positive", "correct": True},
+            {"input": "dull", "reference": "negative", "prediction": "positive", "correct": False},
+        ]
+    }
+    object_store().put_bytes(f"{job.model_storage_prefix}/training_report.json", json.dumps(report).encode())
+
+    page = browser.get(f"/jobs/{job.public_id}/").content.decode()
+
+    assert 'id="samples-card" aria-labelledby="samples-heading" hidden' not in page
+    assert "From the run's final evaluation on its validation split." in page
+    assert "the film was &lt;b&gt;great&lt;/b&gt;" in page  # user text as text, never markup
+    assert page.count('class="sample-correct"') == 1 and page.count('class="sample-wrong"') == 1
+
+
+def test_a_succeeded_job_without_a_stored_report_shows_no_samples(browser, tenant_a):
+    job = _job(tenant_a.tenant, status="succeeded", phase="done")
+    job.model_storage_prefix = f"tenants/{tenant_a.tenant.pk}/models/{job.public_id}"
+    job.save(update_fields=["model_storage_prefix"])
+
+    page = browser.get(f"/jobs/{job.public_id}/").content.decode()
+
+    assert 'id="samples-card" aria-labelledby="samples-heading" hidden' in page
