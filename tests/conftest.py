@@ -15,7 +15,14 @@ from django.db.backends.signals import connection_created
 from django.dispatch import receiver
 from rest_framework.test import APIClient
 
-from tunehouse.localrun import free_port, start_asgi_server, start_celery_worker, stop_process, wait_until
+from tunehouse.localrun import (
+    free_port,
+    start_asgi_server,
+    start_celery_worker,
+    start_serving_server,
+    stop_process,
+    wait_until,
+)
 
 
 @receiver(connection_created)
@@ -30,6 +37,28 @@ def _let_workers_lose_deadlocks(sender, connection, **kwargs) -> None:
         cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         if cursor.fetchone()[0]:  # only a superuser may change it (CI's is); otherwise the default stays
             cursor.execute("SET deadlock_timeout = '10s'")
+
+
+def _clear_serving_registry() -> None:
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        stale = [b"serving:deployments", *client.scan_iter(match="serving:status:*")]
+        client.delete(*stale)
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _empty_serving_registry():
+    """Every test starts and ends with no deployment registered. The registry lives in the session's one Redis, so
+    an endpoint a test deployed (whose rows the database rollback removes) would otherwise stay registered: the
+    serving tests would see a stranger among their deployments and the session's serving process would keep trying
+    to load a model that no longer exists."""
+    _clear_serving_registry()
+    yield
+    _clear_serving_registry()
 
 
 @dataclass
@@ -149,6 +178,29 @@ def asgi_server(service_env, service_logs):
         what="uvicorn",
         process=process,
         log=service_logs / "asgi.log",
+    )
+    yield base_url
+    stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def serving_server(service_env, service_logs):
+    """The real serving process (workers/serving) under uvicorn on a free port; service_env points SERVING_URL and
+    SERVING_TOKEN at it, so processes started after this fixture reach it: a test that needs both asks for
+    `serving_server` before `asgi_server`."""
+    import urllib.request
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    service_env["SERVING_URL"] = base_url
+    service_env.setdefault("SERVING_TOKEN", "test-serving-token")
+    process = start_serving_server(port=port, env=service_env, log_path=service_logs / "serving.log")
+    wait_until(
+        lambda: urllib.request.urlopen(f"{base_url}/readyz", timeout=2).status == 200,  # noqa: S310 - loopback
+        timeout=60,
+        what="serving process",
+        process=process,
+        log=service_logs / "serving.log",
     )
     yield base_url
     stop_process(process)

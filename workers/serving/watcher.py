@@ -1,0 +1,77 @@
+"""Keeps the manager in step with the Redis registry: pub/sub wake-ups plus a full re-read every ~2 s."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from workers.serving.manager import ModelManager
+from workers.serving.registry import CHANGED_CHANNEL, DEPLOYMENTS_KEY, STATUS_KEY_PREFIX, Deployment, status_value
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryWatcher:
+    def __init__(self, redis_url: str, instance_id: str, *, poll_seconds: float = 2.0) -> None:
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.instance_id = instance_id
+        self.poll_seconds = poll_seconds
+        self.manager: ModelManager | None = None
+        self.registry_read = threading.Event()
+        """Set once the registry was read; cleared while Redis does not answer (``/readyz``)."""
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serving-registry", daemon=True)
+
+    def start(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def report_status(self, endpoint: str, revision: int, state: str, error: str | None) -> None:
+        try:
+            value = status_value(revision=revision, state=state, error=error)
+            self.redis.hset(f"{STATUS_KEY_PREFIX}{endpoint}", self.instance_id, value)
+        except redis.RedisError:
+            logger.warning("could not report %s of %s revision %s", state, endpoint, revision, exc_info=True)
+
+    def read_registry(self) -> dict[str, Deployment]:
+        deployments = {}
+        for endpoint, raw in self.redis.hgetall(DEPLOYMENTS_KEY).items():
+            try:
+                deployments[endpoint.decode()] = Deployment.from_json(raw)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignoring a malformed registry entry for %r", endpoint)
+        return deployments
+
+    def refresh(self) -> None:
+        assert self.manager is not None
+        self.manager.update_registry(self.read_registry())
+        self.registry_read.set()
+
+    def _run(self) -> None:
+        pubsub = None
+        while not self._stopping.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(CHANGED_CHANNEL)
+                self.refresh()
+                deadline = time.monotonic() + self.poll_seconds
+                while not self._stopping.is_set() and time.monotonic() < deadline:
+                    message = pubsub.get_message(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                    if message is not None:
+                        break  # re-read at once: the hash holds the whole truth, the message only says "look"
+                self.manager.sweep()
+            except (redis.RedisError, OSError):
+                logger.warning("the registry could not be read; retrying", exc_info=True)
+                self.registry_read.clear()
+                pubsub = None
+                self._stopping.wait(1.0)
+        if pubsub is not None:
+            pubsub.close()
