@@ -326,6 +326,122 @@ def probe_dashboard_compare(w):
     _assert_not_found(w["browser_b"].get(f"/jobs/compare/?jobs={w['job'].public_id}"))
 
 
+def _endpoint_of_a(w):
+    """Tenant A's endpoint, serving A's job: its id and name must never show on B's endpoint pages."""
+    from apps.endpoints.models import Endpoint
+
+    endpoint, _ = Endpoint.objects.get_or_create(
+        tenant=w["a"].tenant, name="secret-endpoint", defaults={"job": w["job"], "task": "causal_lm"}
+    )
+    return endpoint
+
+
+def _assert_no_endpoint_leak(response, w, endpoint):
+    _assert_no_leak(response, w)
+    for secret in (endpoint.public_id.encode(), endpoint.name.encode()):
+        assert secret not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def probe_dashboard_endpoints(w):
+    endpoint = _endpoint_of_a(w)
+    response = w["browser_b"].get("/endpoints/")
+    assert response.status_code == 200
+    _assert_no_endpoint_leak(response, w, endpoint)
+
+
+def probe_dashboard_endpoint(w):
+    _assert_not_found(w["browser_b"].get(f"/endpoints/{_endpoint_of_a(w).public_id}/"))
+
+
+def probe_dashboard_endpoint_compare(w):
+    endpoint = _endpoint_of_a(w)
+    # A's endpoint named on either side is "not found"; the bare picker lists only B's (none).
+    for query in (
+        f"?a={endpoint.public_id}",
+        f"?b={endpoint.public_id}",
+        f"?a={endpoint.public_id}&b={endpoint.public_id}",
+    ):
+        _assert_not_found(w["browser_b"].get(f"/endpoints/compare/{query}"))
+    response = w["browser_b"].get("/endpoints/compare/")
+    assert response.status_code == 200
+    _assert_no_endpoint_leak(response, w, endpoint)
+
+
+def _ready_endpoint_of_a(w):
+    """A's endpoint, ready, serving A's succeeded job (so a 404 to B cannot come from a status check)."""
+    from apps.endpoints.models import Endpoint
+
+    model_id = _fine_tuned_model_of_a(w)
+    endpoint = _endpoint_of_a(w)
+    Endpoint.objects.filter(pk=endpoint.pk).update(status="ready")
+    FineTuningJob.objects.filter(pk=w["job"].pk).update(model_storage_prefix=f"tenants/{w['a'].tenant.pk}/models/x")
+    return endpoint, model_id
+
+
+def probe_endpoint_list(w):
+    endpoint, model_id = _ready_endpoint_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/endpoints")
+        assert response.status_code == 200 and response.json()["data"] == []
+        _assert_no_endpoint_leak(response, w, endpoint)
+    # B cannot deploy A's model, by job id or by fine-tuned model name.
+    for model in (w["job"].public_id, model_id):
+        response = w["api_b"].post("/v1/endpoints", {"name": "stolen", "model": model}, content_type="application/json")
+        _assert_not_found(response)
+    assert not type(endpoint).objects.for_tenant(w["b"].tenant).exists()
+
+
+def probe_endpoint_detail(w):
+    endpoint, _ = _ready_endpoint_of_a(w)
+    path = f"/v1/endpoints/{endpoint.public_id}"
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(path))
+        _assert_not_found(client.post(path, {"state": "stopped"}, content_type="application/json"))
+        _assert_not_found(client.delete(path))
+    endpoint.refresh_from_db()
+    assert endpoint.status == "ready"
+
+
+def probe_endpoint_predict(w):
+    endpoint, _ = _ready_endpoint_of_a(w)
+    response = w["api_b"].post(
+        f"/v1/endpoints/{endpoint.public_id}/predict", {"input": "x"}, content_type="application/json"
+    )
+    _assert_not_found(response)
+
+
+def probe_endpoint_usage(w):
+    endpoint, _ = _ready_endpoint_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(f"/v1/endpoints/{endpoint.public_id}/usage"))
+
+
+def probe_inference(path: str, body: dict):
+    """A's endpoint named as `model` (its name, its id, its fine-tuned model) reads as a model that does not exist."""
+
+    def probe(w):
+        endpoint, model_id = _ready_endpoint_of_a(w)
+        for model in (endpoint.name, endpoint.public_id, model_id):
+            for client in (w["api_b"], w["browser_b"]):
+                response = client.post(path, {"model": model, **body}, content_type="application/json")
+                _assert_not_found(response)
+                assert response.json()["error"]["code"] == "model_not_found"
+                assert endpoint.public_id.encode() not in response.content or model == endpoint.public_id
+
+    return probe
+
+
+def probe_metrics(w):
+    from django.test import override_settings
+
+    # Operator-only: a tenant's API key is not the metrics token, and without a token only loopback may scrape.
+    with override_settings(METRICS_TOKEN="operator-secret"):
+        assert w["api_b"].get("/metrics").status_code == 403
+        assert Client(HTTP_AUTHORIZATION="Bearer operator-secret").get("/metrics").status_code == 200
+    with override_settings(METRICS_TOKEN=""):
+        assert w["api_b"].get("/metrics", REMOTE_ADDR="203.0.113.7").status_code == 403
+
+
 def probe_switch_tenant(w):
     _assert_not_found(w["browser_b"].post("/tenants/switch/", {"tenant_id": w["a"].tenant.pk}))
 
@@ -516,6 +632,16 @@ HTTP_PROBES = {
     "dashboard:job-new": probe_dashboard_page("/jobs/new/"),
     "dashboard:settings": probe_dashboard_settings,
     "dashboard:api-keys": probe_api_keys,
+    "dashboard:endpoints": probe_dashboard_endpoints,
+    "dashboard:endpoint-detail": probe_dashboard_endpoint,
+    "dashboard:endpoint-compare": probe_dashboard_endpoint_compare,
+    "api:endpoint-list": probe_endpoint_list,
+    "api:endpoint-detail": probe_endpoint_detail,
+    "api:endpoint-predict": probe_endpoint_predict,
+    "api:endpoint-usage": probe_endpoint_usage,
+    "api:completions": probe_inference("/v1/completions", {"prompt": "hi"}),
+    "api:chat-completions": probe_inference("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    "metrics": probe_metrics,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}
 

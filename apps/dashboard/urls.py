@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views, views_jobs, views_new_job, views_workspace
+from . import views, views_endpoints, views_jobs, views_new_job, views_workspace
 
 app_name = "dashboard"
 
@@ -17,6 +17,9 @@ urlpatterns = [
     path("jobs/new/", views_new_job.new_job, name="job-new"),
     path("jobs/compare/", views_jobs.compare, name="job-compare"),
     path("jobs/<str:public_id>/", views_jobs.job_detail, name="job-detail"),
+    path("endpoints/", views_endpoints.endpoints, name="endpoints"),
+    path("endpoints/compare/", views_endpoints.endpoint_compare, name="endpoint-compare"),
+    path("endpoints/<str:public_id>/", views_endpoints.endpoint_detail, name="endpoint-detail"),
     path("settings/", views_workspace.settings_page, name="settings"),
     path("settings/api-keys/", views.api_keys, name="api-keys"),
     path("files/<str:public_id>/", views.file_detail, name="file-detail"),

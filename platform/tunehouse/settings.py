@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "apps.catalog",
     "apps.jobs",
     "apps.webhooks",
+    "apps.endpoints",
     "apps.dashboard",
 ]
 
@@ -159,6 +160,26 @@ WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 # tenants are not trusted with the server's network: webhook URLs resolving to loopback, private, link-local or
 # other non-public addresses are then refused when the endpoint is created and again when each POST connects.
 WEBHOOK_ALLOW_PRIVATE_NETWORKS = env.bool("WEBHOOK_ALLOW_PRIVATE_NETWORKS", default=True)
+# Inference endpoints (apps/endpoints). The serving process (workers/serving) is reached at SERVING_URL with the
+# shared SERVING_TOKEN in `X-Serving-Token`; the registry of deployments lives in Redis (REDIS_URL).
+SERVING_URL = env.str("SERVING_URL", default="")
+SERVING_TOKEN = env.str("SERVING_TOKEN", default="")
+SERVING_TIMEOUT_SECONDS = env.float("SERVING_TIMEOUT_SECONDS", default=300.0)
+# Requests per minute (per API key and per tenant) and tokens per minute and per day (per tenant), counted in Redis
+# windows. INFERENCE_TENANT_LIMITS overrides them per tenant slug, as JSON: {"acme": {"tokens_per_day": 1000}}.
+INFERENCE_REQUESTS_PER_MINUTE_PER_KEY = env.int("INFERENCE_REQUESTS_PER_MINUTE_PER_KEY", default=600)
+INFERENCE_REQUESTS_PER_MINUTE_PER_TENANT = env.int("INFERENCE_REQUESTS_PER_MINUTE_PER_TENANT", default=1200)
+INFERENCE_TOKENS_PER_MINUTE_PER_TENANT = env.int("INFERENCE_TOKENS_PER_MINUTE_PER_TENANT", default=200_000)
+INFERENCE_TOKENS_PER_DAY_PER_TENANT = env.int("INFERENCE_TOKENS_PER_DAY_PER_TENANT", default=20_000_000)
+INFERENCE_TENANT_LIMITS = env.json("INFERENCE_TENANT_LIMITS", default={})
+# Bounds on one request: generated tokens (also never past the model's context), prompt characters (checked before
+# any tokenisation), choices per request and inputs per predict call.
+INFERENCE_MAX_TOKENS = env.int("INFERENCE_MAX_TOKENS", default=2048)
+INFERENCE_MAX_PROMPT_CHARS = env.int("INFERENCE_MAX_PROMPT_CHARS", default=32_000)
+INFERENCE_MAX_N = env.int("INFERENCE_MAX_N", default=8)
+INFERENCE_MAX_PREDICT_INPUTS = env.int("INFERENCE_MAX_PREDICT_INPUTS", default=64)
+# GET /metrics (Prometheus): `Authorization: Bearer <METRICS_TOKEN>`; when unset, answered to loopback callers only.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # A gzip'd upload is decompressed as a stream; past this many bytes it is refused (a gzip bomb stops here).
 DATASET_MAX_DECOMPRESSED_BYTES = env.int("DATASET_MAX_DECOMPRESSED_BYTES", default=10 * 1024**3)
 # Uploads go to a temp file past this size instead of memory, so the web process stays flat for big files.

@@ -4,9 +4,12 @@ from django.contrib import admin
 from django.urls import include, path
 
 from apps.core.views import healthz
+from apps.endpoints.metrics import metrics_view
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    # Prometheus: operator-only (METRICS_TOKEN, else loopback), see apps.endpoints.metrics.
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("v1/", include("apps.core.api.urls")),
     path("", include("apps.dashboard.urls")),

@@ -53,7 +53,12 @@ class ModelListView(TenantAPIView):
     def get(self, request):
         catalog = [catalog_entry_to_json(entry) for entry in catalog_list()]
         own = [fine_tuned_model_to_json(job) for job in fine_tuned_models(tenant=self.tenant)]
-        return Response({"object": "list", "data": catalog + own})
+        # The tenant's ready inference endpoints, by the name /v1/completions and /v1/chat/completions take.
+        from apps.endpoints.selectors import endpoints_ready
+        from apps.endpoints.serialization import endpoint_model_json
+
+        served = [endpoint_model_json(endpoint) for endpoint in endpoints_ready(tenant=self.tenant)]
+        return Response({"object": "list", "data": catalog + own + served})
 
 
 class ModelDetailView(TenantAPIView):

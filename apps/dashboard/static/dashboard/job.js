@@ -59,6 +59,7 @@
     const succeeded = snapshot.status === "succeeded";
     const becameSucceeded = succeeded && el("evaluate-card").hidden;
     el("generate-card").hidden = !succeeded;
+    el("deploy-card").hidden = !succeeded;
     el("evaluate-card").hidden = !succeeded;
     if (becameSucceeded && live) loadEvaluations();
     if (live) addTimelineEntry(snapshot.status);
@@ -508,6 +509,29 @@
       el("evaluation-status").textContent = error.message;
     } finally {
       button.disabled = false;
+    }
+  });
+
+  // ----------------------------------------------------------------------------------------------------- deploy
+
+  // Serving the model is one POST away: the endpoint's own page then follows the deployment.
+  el("deploy-job-form").addEventListener("submit", async (submitEvent) => {
+    submitEvent.preventDefault();
+    const status = el("deploy-job-status");
+    el("deploy-job-submit").disabled = true;
+    status.className = "";
+    status.textContent = "Deploying…";
+    try {
+      const endpoint = await apiRequest("POST", "/v1/endpoints", {
+        name: el("deploy-job-name").value.trim(),
+        model: job.id,
+        checkpoint: el("deploy-job-checkpoint").value || null,
+      });
+      window.location.assign(`/endpoints/${encodeURIComponent(endpoint.id)}/`);
+    } catch (error) {
+      status.textContent = error.message;
+      status.className = "error";
+      el("deploy-job-submit").disabled = false;
     }
   });
 

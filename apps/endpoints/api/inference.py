@@ -1,0 +1,256 @@
+"""OpenAI-compatible `/v1/completions` and `/v1/chat/completions`, as async Django views.
+
+Plain Django views rather than DRF ones because DRF views are synchronous: a streamed answer would hold a worker
+thread for its whole length. Under ASGI (uvicorn) each stream is a coroutine relaying serving's SSE as OpenAI's
+chunks. Authentication is the same as the REST API's: an API key (`Authorization: Bearer`), or the dashboard's
+session with its CSRF token. Errors use OpenAI's shape.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from apps.core.api.errors import ApiError, error_body
+from apps.tenancy.context import TenantContext, context_for_api_key
+from apps.tenancy.services import api_key_authenticate
+
+from ..inference import (
+    GenerationRequest,
+    ServingClient,
+    chunk_choice,
+    chunk_json,
+    completion_json,
+    new_completion_id,
+    parse_generation_request,
+    sse,
+    usage_json,
+)
+from ..limits import RateLimited, inference_admit, inference_charge_tokens
+from ..models import Endpoint, RequestKind
+from ..selectors import endpoint_for_model
+from ..services import endpoint_request_record
+
+
+def _error_response(error: ApiError) -> JsonResponse:
+    response = JsonResponse(
+        error_body(message=str(error.detail), code=error.error_code, param=error.param, status_code=error.status_code),
+        status=error.status_code,
+    )
+    if isinstance(error, RateLimited):
+        response["Retry-After"] = str(error.retry_after)
+    if error.status_code == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+class _CsrfCheck(CsrfViewMiddleware):
+    def _reject(self, request, reason):
+        return reason
+
+
+def _tenant_context(request: HttpRequest) -> TenantContext:
+    """The API key's tenant, or the signed-in session's (which must carry its CSRF token, as DRF requires)."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, secret = header.partition(" ")
+        api_key = api_key_authenticate(secret=secret.strip()) if scheme.lower() == "bearer" else None
+        if api_key is None:
+            raise ApiError(
+                "Incorrect API key provided, or the key was revoked.", code="invalid_api_key", status_code=401
+            )
+        return context_for_api_key(api_key)
+    context = getattr(request, "tenant_context", None)
+    if context is None:
+        raise ApiError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            status_code=401,
+        )
+    check = _CsrfCheck(lambda r: None)
+    check.process_request(request)
+    if (reason := check.process_view(request, None, (), {})) is not None:
+        raise ApiError(f"CSRF check failed: {reason}", code="csrf_failed", status_code=403)
+    return context
+
+
+@dataclass
+class _Admitted:
+    context: TenantContext
+    endpoint: Endpoint
+    generation: GenerationRequest
+    model: str
+
+
+def _admit(request: HttpRequest, body, *, chat: bool, started: float) -> _Admitted:
+    """Who asks, for which endpoint, within which limits and bounds. Raises ApiError; once the endpoint is known,
+    a refusal is metered like any other answer."""
+    context = _tenant_context(request)
+    if not isinstance(body, dict):
+        raise ApiError("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("Missing required parameter: 'model'.", code="missing_required_parameter", param="model")
+    endpoint = endpoint_for_model(tenant=context.tenant, model=model, api_key=context.api_key)
+    if endpoint is None:
+        # Another tenant's endpoint (or one the key may not use) reads exactly like a name that does not exist.
+        raise ApiError(f"The model '{model}' does not exist.", code="model_not_found", param="model", status_code=404)
+    try:
+        inference_admit(tenant=context.tenant, api_key=context.api_key)
+        generation = parse_generation_request(body, endpoint=endpoint, chat=chat)
+    except ApiError as error:
+        _record(
+            context, endpoint, chat=chat, status_code=error.status_code, started=started, error_code=error.error_code
+        )
+        raise
+    return _Admitted(context=context, endpoint=endpoint, generation=generation, model=model)
+
+
+def _record(
+    context,
+    endpoint,
+    *,
+    chat: bool,
+    status_code: int,
+    started: float,
+    usage: dict | None = None,
+    first_token_at: float | None = None,
+    error_code: str = "",
+) -> None:
+    usage = usage_json(usage)
+    endpoint_request_record(
+        tenant=context.tenant,
+        endpoint=endpoint,
+        endpoint_public_id=endpoint.public_id,
+        api_key=context.api_key,
+        kind=RequestKind.CHAT if chat else RequestKind.COMPLETION,
+        status_code=status_code,
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+        latency_ms=(time.monotonic() - started) * 1000,
+        time_to_first_token_ms=None if first_token_at is None else (first_token_at - started) * 1000,
+        error_code=error_code,
+    )
+    if usage["total_tokens"]:
+        inference_charge_tokens(tenant=context.tenant, tokens=usage["total_tokens"])
+
+
+async def _generate(request: HttpRequest, *, chat: bool):
+    started = time.monotonic()
+    try:
+        body = json.loads(request.body or b"null")
+    except ValueError:
+        return _error_response(ApiError("The request body is not valid JSON."))
+    try:
+        admitted = await sync_to_async(_admit)(request, body, chat=chat, started=started)
+    except ApiError as error:
+        return _error_response(error)
+    record = sync_to_async(_record)
+    context, endpoint = admitted.context, admitted.endpoint
+    try:
+        client = ServingClient()
+        if not admitted.generation.stream:
+            result = await client.post_json("/v1/generate", admitted.generation.payload)
+        else:
+            stream = await client.open_stream("/v1/generate", admitted.generation.payload)
+    except ApiError as error:
+        await record(
+            context, endpoint, chat=chat, status_code=error.status_code, started=started, error_code=error.error_code
+        )
+        return _error_response(error)
+    completion_id = new_completion_id(chat)
+    if not admitted.generation.stream:
+        await record(
+            context,
+            endpoint,
+            chat=chat,
+            status_code=200,
+            started=started,
+            usage=result.get("usage"),
+            first_token_at=time.monotonic(),
+        )
+        return JsonResponse(completion_json(result, completion_id=completion_id, model=admitted.model, chat=chat))
+    response = StreamingHttpResponse(
+        _relay(stream, admitted, chat=chat, completion_id=completion_id, started=started),
+        content_type="text/event-stream",
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back
+    return response
+
+
+async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str, started: float):
+    """Serving's events as OpenAI chunks; the usage row is written however the stream ends (client gone too)."""
+    created = int(time.time())
+    include_usage = admitted.generation.include_usage
+    usage, first_token_at, seen_indexes = None, None, set()
+    status_code, error_code = 200, ""
+    try:
+        async for event in stream.events():
+            if "usage" in event and "text" not in event:
+                usage = event["usage"]
+                continue
+            if "error" in event:
+                status_code, error_code = 502, str((event["error"] or {}).get("code") or "serving_error")
+                yield sse({"error": event["error"]})
+                break
+            if first_token_at is None and event.get("text"):
+                first_token_at = time.monotonic()
+            index = event.get("index", 0)
+            choice = chunk_choice(event, chat=chat, first_of_index=index not in seen_indexes)
+            seen_indexes.add(index)
+            yield sse(
+                chunk_json(
+                    completion_id=completion_id,
+                    model=admitted.model,
+                    chat=chat,
+                    created=created,
+                    choices=[choice],
+                    include_usage=include_usage,
+                )
+            )
+        if include_usage and status_code == 200:
+            yield sse(
+                chunk_json(
+                    completion_id=completion_id,
+                    model=admitted.model,
+                    chat=chat,
+                    created=created,
+                    choices=[],
+                    usage=usage_json(usage),
+                    include_usage=True,
+                )
+            )
+        yield sse("[DONE]")
+    except Exception:
+        status_code, error_code = 502, "stream_interrupted"
+        raise
+    finally:
+        await stream.close()
+        await sync_to_async(_record)(
+            admitted.context,
+            admitted.endpoint,
+            chat=chat,
+            status_code=status_code,
+            started=started,
+            usage=usage,
+            first_token_at=first_token_at,
+            error_code=error_code,
+        )
+
+
+@csrf_exempt  # checked in _tenant_context for session callers only; API keys need none
+@require_POST
+async def completions(request: HttpRequest):
+    return await _generate(request, chat=False)
+
+
+@csrf_exempt
+@require_POST
+async def chat_completions(request: HttpRequest):
+    return await _generate(request, chat=True)

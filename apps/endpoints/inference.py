@@ -1,0 +1,363 @@
+"""OpenAI-style inference requests: checked here, answered by the serving process over HTTP (workers/serving).
+
+`parse_generation_request` turns a /v1/completions or /v1/chat/completions body into the serving contract's
+`/v1/generate` body; `ServingClient` calls serving (async httpx, streaming); the `*_json` and `*_chunk` functions
+shape serving's answers as OpenAI's objects.
+"""
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+
+from apps.core.api.errors import ApiError
+
+from .models import Endpoint, EndpointStatus, EndpointTask
+from .registry import model_context_length
+
+MAX_STOP_SEQUENCES = 4
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    payload: dict  # the serving contract's /v1/generate body
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, name: str, default, *, low: float, high: float, whole: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+        raise ApiError(f"{name} must be {'a whole number' if whole else 'a number'}.", param=name)
+    if not low <= value <= high:
+        raise ApiError(f"{name} must be between {low} and {high}.", param=name)
+    return value
+
+
+def _stop(body: dict) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError("stop must be a string or a list of non-empty strings.", param="stop")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise ApiError(f"stop takes at most {MAX_STOP_SEQUENCES} sequences.", param="stop")
+    return stop
+
+
+def _text_of(content, param: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are understood."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError("Only text content parts are supported.", param=param)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError("content must be a string or a list of text parts.", param=param)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("messages must be a non-empty list.", code="missing_required_parameter", param="messages")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise ApiError(
+                f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}.", param=f"messages[{index}].role"
+            )
+        content = message.get("content")
+        checked.append(
+            {"role": message["role"], "content": "" if content is None else _text_of(content, f"messages[{index}]")}
+        )
+    return checked
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # the SDK's list form with one prompt
+    if not isinstance(prompt, str):
+        raise ApiError(
+            "prompt must be a string (one prompt per request).", code="missing_required_parameter", param="prompt"
+        )
+    return prompt
+
+
+def ensure_endpoint_answers(endpoint: Endpoint, *, generative: bool) -> None:
+    if endpoint.status == EndpointStatus.STOPPED:
+        raise ApiError(
+            f"The endpoint '{endpoint.name}' is stopped; start it again to send requests.",
+            code="endpoint_stopped",
+            status_code=409,
+        )
+    if generative and endpoint.task == EndpointTask.CLASSIFICATION:
+        raise ApiError(
+            f"The endpoint '{endpoint.name}' serves a classifier; call /v1/endpoints/{endpoint.public_id}/predict.",
+            code="not_a_generative_model",
+            param="model",
+        )
+    if not generative and endpoint.task != EndpointTask.CLASSIFICATION:
+        raise ApiError(
+            f"The endpoint '{endpoint.name}' generates text; call /v1/completions or /v1/chat/completions.",
+            code="not_a_classifier",
+        )
+
+
+def parse_generation_request(body: dict, *, endpoint: Endpoint, chat: bool) -> GenerationRequest:
+    """Bounds before any GPU second: max_tokens (setting and the model's context), prompt characters, n."""
+    ensure_endpoint_answers(endpoint, generative=True)
+    defaults = endpoint.generation_defaults or {}
+    if chat:
+        messages, prompt = _messages(body), None
+        prompt_chars = sum(len(message["content"]) for message in messages)
+    else:
+        messages, prompt = None, _prompt(body)
+        prompt_chars = len(prompt)
+    if prompt_chars > settings.INFERENCE_MAX_PROMPT_CHARS:
+        raise ApiError(
+            f"The prompt is {prompt_chars} characters; the limit is {settings.INFERENCE_MAX_PROMPT_CHARS}.",
+            code="context_length_exceeded",
+            param="messages" if chat else "prompt",
+        )
+    max_tokens_limit = min(settings.INFERENCE_MAX_TOKENS, model_context_length(endpoint))
+    max_tokens_name = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = _number(
+        body,
+        max_tokens_name,
+        min(int(defaults.get("max_tokens", 128)), max_tokens_limit),
+        low=1,
+        high=max_tokens_limit,
+        whole=True,
+    )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError("stream must be true or false.", param="stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError("stream_options must be an object.", param="stream_options")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError("seed must be a whole number.", param="seed")
+    payload = {
+        "endpoint": endpoint.public_id,
+        "prompt": prompt,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": _number(body, "temperature", defaults.get("temperature", 0.7), low=0.0, high=2.0),
+        "top_p": _number(body, "top_p", defaults.get("top_p", 1.0), low=0.0, high=1.0),
+        "stop": _stop(body),
+        "n": _number(body, "n", 1, low=1, high=settings.INFERENCE_MAX_N, whole=True),
+        "seed": seed,
+        "stream": stream,
+    }
+    return GenerationRequest(payload=payload, stream=stream, include_usage=bool(stream_options.get("include_usage")))
+
+
+def parse_predict_inputs(body: dict, *, endpoint: Endpoint) -> list[str]:
+    ensure_endpoint_answers(endpoint, generative=False)
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) for item in inputs):
+        raise ApiError("input must be a string or a non-empty list of strings.", param="input")
+    if len(inputs) > settings.INFERENCE_MAX_PREDICT_INPUTS:
+        raise ApiError(f"input takes at most {settings.INFERENCE_MAX_PREDICT_INPUTS} texts.", param="input")
+    if sum(len(item) for item in inputs) > settings.INFERENCE_MAX_PROMPT_CHARS:
+        raise ApiError(
+            f"The inputs hold more than {settings.INFERENCE_MAX_PROMPT_CHARS} characters.",
+            code="context_length_exceeded",
+            param="input",
+        )
+    return inputs
+
+
+# --- Serving client ------------------------------------------------------------------------------------------------
+
+
+class ServingError(ApiError):
+    """Serving answered an error (passed on with its status and code) or could not be reached (503)."""
+
+
+def _serving_error_from(response_status: int, raw: bytes) -> ServingError:
+    try:
+        error = json.loads(raw)["error"]
+        message, code, param = str(error.get("message")), error.get("code"), error.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, code, param = "The serving process answered an error.", "serving_error", None
+    status = response_status if 400 <= response_status < 600 else 502
+    if status >= 500 and status != 503:
+        status = 502  # serving's own bug: a bad gateway from here, never a 500 of this process
+    return ServingError(message, code=code or "serving_error", param=param, status_code=status)
+
+
+def _unavailable(detail: str) -> ServingError:
+    return ServingError(
+        f"The inference service is unavailable ({detail}); try again shortly.",
+        code="serving_unavailable",
+        status_code=503,
+    )
+
+
+class ServingClient:
+    """One request to serving; `open_stream` hands back the open response for the caller to iterate and close."""
+
+    def __init__(self):
+        if not settings.SERVING_URL:
+            raise _unavailable("SERVING_URL is not set")
+        self.base_url = settings.SERVING_URL.rstrip("/")
+        self.headers = {"X-Serving-Token": settings.SERVING_TOKEN}
+        self.timeout = httpx.Timeout(settings.SERVING_TIMEOUT_SECONDS, connect=5.0)
+
+    async def post_json(self, path: str, body: dict) -> dict:
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.post(self.base_url + path, json=body, headers=self.headers)
+        except httpx.HTTPError as error:
+            raise _unavailable(type(error).__name__) from error
+        if response.status_code >= 400:
+            raise _serving_error_from(response.status_code, response.content)
+        try:
+            return response.json()
+        except ValueError:
+            raise ServingError("The serving process answered no JSON.", code="serving_error", status_code=502) from None
+
+    async def open_stream(self, path: str, body: dict) -> "ServingStream":
+        client = httpx.AsyncClient(timeout=self.timeout)
+        try:
+            request = client.build_request("POST", self.base_url + path, json=body, headers=self.headers)
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as error:
+            await client.aclose()
+            raise _unavailable(type(error).__name__) from error
+        if response.status_code >= 400:
+            raw = await response.aread()
+            await response.aclose()
+            await client.aclose()
+            raise _serving_error_from(response.status_code, raw)
+        return ServingStream(client, response)
+
+
+class ServingStream:
+    def __init__(self, client: httpx.AsyncClient, response: httpx.Response):
+        self.client, self.response = client, response
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Serving's SSE events as dicts, up to `[DONE]`."""
+        async for line in self.response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                yield event
+
+    async def close(self) -> None:
+        await self.response.aclose()
+        await self.client.aclose()
+
+
+# --- OpenAI shapes ---------------------------------------------------------------------------------------------------
+
+
+def new_completion_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + secrets.token_urlsafe(18)
+
+
+def usage_json(usage: dict | None) -> dict:
+    usage = usage or {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_json(result: dict, *, completion_id: str, model: str, chat: bool) -> dict:
+    choices = []
+    for choice in result.get("choices") or []:
+        if chat:
+            message = {"role": "assistant", "content": choice.get("text", ""), "refusal": None}
+            choices.append(
+                {
+                    "index": choice.get("index", 0),
+                    "message": message,
+                    "finish_reason": choice.get("finish_reason"),
+                    "logprobs": None,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": choice.get("index", 0),
+                    "text": choice.get("text", ""),
+                    "finish_reason": choice.get("finish_reason"),
+                    "logprobs": None,
+                }
+            )
+    return {
+        "id": completion_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": f"rev-{result.get('revision')}" if result.get("revision") is not None else None,
+        "choices": choices,
+        "usage": usage_json(result.get("usage")),
+    }
+
+
+def chunk_json(
+    *,
+    completion_id: str,
+    model: str,
+    chat: bool,
+    created: int,
+    choices: list[dict],
+    usage: dict | None = None,
+    include_usage: bool = False,
+) -> dict:
+    chunk = {
+        "id": completion_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if include_usage:
+        chunk["usage"] = usage  # null on every chunk but the last, as OpenAI sends it
+    return chunk
+
+
+def chunk_choice(event: dict, *, chat: bool, first_of_index: bool) -> dict:
+    text = event.get("text") or ""
+    if chat:
+        delta = {"role": "assistant", "content": text} if first_of_index else {"content": text}
+        if event.get("finish_reason") and not text and not first_of_index:
+            delta = {}
+        return {
+            "index": event.get("index", 0),
+            "delta": delta,
+            "finish_reason": event.get("finish_reason"),
+            "logprobs": None,
+        }
+    return {"index": event.get("index", 0), "text": text, "finish_reason": event.get("finish_reason"), "logprobs": None}
+
+
+def sse(data) -> bytes:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode()
