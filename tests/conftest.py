@@ -165,8 +165,9 @@ def celery_workers(service_env, service_logs):
 
 
 @pytest.fixture(scope="session")
-def asgi_server(service_env, service_logs):
-    """The real ASGI application under uvicorn (HTTP and websockets), on a free port."""
+def asgi_server(service_env, service_logs, serving_server):
+    """The real ASGI application under uvicorn (HTTP and websockets), on a free port, reaching the real serving
+    process (started first, so SERVING_URL is in the web's environment whichever test asks first)."""
     import urllib.request
 
     port = free_port()
@@ -186,8 +187,7 @@ def asgi_server(service_env, service_logs):
 @pytest.fixture(scope="session")
 def serving_server(service_env, service_logs):
     """The real serving process (workers/serving) under uvicorn on a free port; service_env points SERVING_URL and
-    SERVING_TOKEN at it, so processes started after this fixture reach it: a test that needs both asks for
-    `serving_server` before `asgi_server`."""
+    SERVING_TOKEN at it, so processes started after this fixture reach it (`asgi_server` depends on it)."""
     import urllib.request
 
     port = free_port()

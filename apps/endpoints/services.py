@@ -223,7 +223,8 @@ def endpoint_update(
     ready (hot swap), so callers see no gap. Other changes keep the revision."""
     if endpoint.tenant_id != tenant.pk:
         raise _not_found("endpoint", endpoint.public_id, "endpoint")
-    endpoint = Endpoint.objects.select_for_update().select_related("job", "checkpoint").get(pk=endpoint.pk)
+    # of=self: PostgreSQL cannot lock the nullable side (checkpoint) of the outer join select_related makes.
+    endpoint = Endpoint.objects.select_for_update(of=("self",)).select_related("job", "checkpoint").get(pk=endpoint.pk)
     job = endpoint.job if model is None else _job_for_model(tenant, model)
     if checkpoint is _UNSET:
         # Naming another model without a checkpoint serves that model's final weights.

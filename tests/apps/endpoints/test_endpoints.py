@@ -17,6 +17,22 @@ from apps.tenancy.models import ApiKey
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+# A Redis database of its own: the session's real serving process (started by other tests) watches the registry in
+# database 0 and would try to load these tests' model-less deployments, reporting failures of its own into the
+# status hashes these tests write by hand.
+_PRIVATE_REGISTRY_DATABASE = 3
+
+
+@pytest.fixture(autouse=True)
+def _registry_no_serving_process_watches(settings):
+    import os
+    from urllib.parse import urlsplit, urlunsplit
+
+    settings.REDIS_URL = urlunsplit(urlsplit(os.environ["REDIS_URL"])._replace(path=f"/{_PRIVATE_REGISTRY_DATABASE}"))
+    redis_client().flushdb()
+    yield
+    redis_client().flushdb()
+
 
 def _succeeded_job(tenant, *, model: str = "gpt2-tiny", suffix: str = "") -> FineTuningJob:
     file = File.objects.create(tenant=tenant, filename="t.txt", bytes=1, sha256="c" * 64, storage_key="k")
