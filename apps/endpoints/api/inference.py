@@ -185,11 +185,29 @@ async def _generate(request: HttpRequest, *, chat: bool):
 
 
 async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str, started: float):
-    """Serving's events as OpenAI chunks; the usage row is written however the stream ends (client gone too)."""
+    """Serving's events as OpenAI chunks; the usage row is written once however the stream ends (client gone too)."""
     created = int(time.time())
     include_usage = admitted.generation.include_usage
     usage, first_token_at, seen_indexes = None, None, set()
     status_code, error_code = 200, ""
+    recorded = False
+
+    async def record_once():
+        nonlocal recorded
+        if recorded:
+            return
+        recorded = True
+        await sync_to_async(_record)(
+            admitted.context,
+            admitted.endpoint,
+            chat=chat,
+            status_code=status_code,
+            started=started,
+            usage=usage,
+            first_token_at=first_token_at,
+            error_code=error_code,
+        )
+
     try:
         async for event in stream.events():
             if "usage" in event and "text" not in event:
@@ -214,6 +232,9 @@ async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str,
                     include_usage=include_usage,
                 )
             )
+        await stream.close()
+        # Metered before the closing chunks: a client that reads its usage right after [DONE] must find this row.
+        await record_once()
         if include_usage and status_code == 200:
             yield sse(
                 chunk_json(
@@ -232,16 +253,7 @@ async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str,
         raise
     finally:
         await stream.close()
-        await sync_to_async(_record)(
-            admitted.context,
-            admitted.endpoint,
-            chat=chat,
-            status_code=status_code,
-            started=started,
-            usage=usage,
-            first_token_at=first_token_at,
-            error_code=error_code,
-        )
+        await record_once()  # the client went away or serving broke off: the request is still metered
 
 
 @csrf_exempt  # checked in _tenant_context for session callers only; API keys need none
