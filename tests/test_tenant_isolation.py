@@ -431,6 +431,100 @@ def probe_inference(path: str, body: dict):
     return probe
 
 
+def _study_of_a(w):
+    """Tenant A's study, trial 0 on A's job, complete and its job succeeded (so a 404 to B cannot come from a state
+    check); the rows are written directly, nothing trains. Its id and name must never show on B's pages."""
+    from apps.tuning.models import Study, Trial
+
+    study = Study.objects.filter(tenant=w["a"].tenant).first()
+    if study is None:
+        study = Study.objects.create(
+            tenant=w["a"].tenant,
+            name="secret-study",
+            model="gpt2-tiny",
+            training_file=w["file"],
+            search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            objective_metric="valid_loss",
+            direction="minimize",
+            sampler="tpe",
+            pruner="none",
+            n_trials=4,
+            optuna_study_name="tunehouse-secret-study",
+        )
+        FineTuningJob.objects.filter(pk=w["job"].pk).update(status=JobStatus.SUCCEEDED)
+        Trial.objects.create(
+            tenant=w["a"].tenant,
+            study=study,
+            number=0,
+            optuna_trial_id=1,
+            job=w["job"],
+            params={"learning_rate": 1e-3},
+            state="complete",
+            value=1.0,
+        )
+    return study
+
+
+def _assert_no_study_leak(response, w, study):
+    _assert_no_leak(response, w)
+    for secret in (study.public_id.encode(), study.name.encode()):
+        assert secret not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def probe_dashboard_studies(w):
+    study = _study_of_a(w)
+    response = w["browser_b"].get("/studies/")
+    assert response.status_code == 200
+    _assert_no_study_leak(response, w, study)
+
+
+def probe_dashboard_study_new(w):
+    from apps.tuning.models import Study
+
+    study = _study_of_a(w)
+    # The form lists B's files only, even when the address names A's file to prefill.
+    response = w["browser_b"].get(f"/studies/new/?training_file={w['file'].public_id}")
+    assert response.status_code == 200
+    _assert_no_study_leak(response, w, study)
+    # Naming A's file as the training or the validation file is "not found", and starts nothing.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/s"
+    )
+    space = {"space-0-name": "learning_rate", "space-0-type": "float", "space-0-low": "0.0001", "space-0-high": "0.01"}
+    for files in (
+        {"training_file": w["file"].public_id},
+        {"training_file": own.public_id, "validation_file": w["file"].public_id},
+    ):
+        response = w["browser_b"].post("/studies/new/", {"model": "gpt2-tiny", **files, **space})
+        _assert_not_found(response)
+        _assert_no_study_leak(response, w, study)
+    assert not Study.objects.for_tenant(w["b"].tenant).exists()
+
+
+def probe_dashboard_study(w):
+    _assert_not_found(w["browser_b"].get(f"/studies/{_study_of_a(w).public_id}/"))
+
+
+def probe_dashboard_study_trials(w):
+    response = w["browser_b"].get(f"/studies/{_study_of_a(w).public_id}/trials/", HTTP_HX_REQUEST="true")
+    _assert_not_found(response)
+
+
+def probe_dashboard_study_cancel(w):
+    study = _study_of_a(w)
+    _assert_not_found(w["browser_b"].post(f"/studies/{study.public_id}/cancel/"))
+    study.refresh_from_db()
+    assert study.status == "running" and not study.cancel_requested
+
+
+def probe_dashboard_study_trial_promote(w):
+    study = _study_of_a(w)
+    _assert_not_found(w["browser_b"].post(f"/studies/{study.public_id}/trials/0/promote/"))
+    trial = study.trials.get(number=0)
+    assert trial.promoted_at is None
+    assert not FineTuningJob.objects.get(pk=w["job"].pk).fine_tuned_model
+
+
 def probe_metrics(w):
     from django.test import override_settings
 
@@ -586,6 +680,79 @@ def probe_webhook_deliveries(w):
         _assert_not_found(client.get(f"/v1/webhooks/{endpoint.public_id}/deliveries"))
 
 
+def probe_study_list(w):
+    from apps.tuning.models import Study
+
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/tuning/studies")
+        assert response.status_code == 200 and response.json()["data"] == []
+        _assert_no_study_leak(response, w, study)
+        _assert_not_found(client.get("/v1/tuning/studies", {"after": study.public_id}))
+    # B cannot search over A's file, as its training or its validation file.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/s"
+    )
+    space = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}
+    for body in (
+        {"model": "gpt2-tiny", "training_file": w["file"].public_id, "search_space": space},
+        {
+            "model": "gpt2-tiny",
+            "training_file": own.public_id,
+            "validation_file": w["file"].public_id,
+            "search_space": space,
+        },
+    ):
+        response = w["api_b"].post("/v1/tuning/studies", body, content_type="application/json")
+        _assert_not_found(response)
+        assert response.json()["error"]["param"] in ("training_file", "validation_file")
+        # Only B's own input is echoed (the file id it named): nothing A named or stored.
+        for secret in (b"secret-corpus", study.public_id.encode(), study.name.encode()):
+            assert secret not in response.content
+    assert not Study.objects.for_tenant(w["b"].tenant).exists()
+
+
+def probe_study_detail(w):
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(f"/v1/tuning/studies/{study.public_id}")
+        _assert_not_found(response)
+        _assert_no_study_leak(response, w, study)
+
+
+def probe_study_cancel(w):
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.post(f"/v1/tuning/studies/{study.public_id}/cancel"))
+    study.refresh_from_db()
+    assert study.status == "running" and not study.cancel_requested
+
+
+def probe_study_trials(w):
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(f"/v1/tuning/studies/{study.public_id}/trials")
+        _assert_not_found(response)
+        _assert_no_study_leak(response, w, study)
+
+
+def probe_study_trial(w):
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(f"/v1/tuning/studies/{study.public_id}/trials/0")
+        _assert_not_found(response)
+        _assert_no_study_leak(response, w, study)
+
+
+def probe_study_trial_promote(w):
+    study = _study_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.post(f"/v1/tuning/studies/{study.public_id}/trials/0/promote"))
+    assert study.trials.get().promoted_at is None
+    w["job"].refresh_from_db()
+    assert not w["job"].fine_tuned_model
+
+
 HTTP_PROBES = {
     "api:webhook-list": probe_webhook_list,
     "api:webhook-detail": probe_webhook_detail,
@@ -635,6 +802,12 @@ HTTP_PROBES = {
     "dashboard:endpoints": probe_dashboard_endpoints,
     "dashboard:endpoint-detail": probe_dashboard_endpoint,
     "dashboard:endpoint-compare": probe_dashboard_endpoint_compare,
+    "dashboard:studies": probe_dashboard_studies,
+    "dashboard:study-new": probe_dashboard_study_new,
+    "dashboard:study-detail": probe_dashboard_study,
+    "dashboard:study-trials": probe_dashboard_study_trials,
+    "dashboard:study-cancel": probe_dashboard_study_cancel,
+    "dashboard:study-trial-promote": probe_dashboard_study_trial_promote,
     "api:endpoint-list": probe_endpoint_list,
     "api:endpoint-detail": probe_endpoint_detail,
     "api:endpoint-predict": probe_endpoint_predict,
@@ -642,6 +815,12 @@ HTTP_PROBES = {
     "api:completions": probe_inference("/v1/completions", {"prompt": "hi"}),
     "api:chat-completions": probe_inference("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     "metrics": probe_metrics,
+    "api:study-list": probe_study_list,
+    "api:study-detail": probe_study_detail,
+    "api:study-cancel": probe_study_cancel,
+    "api:study-trials": probe_study_trials,
+    "api:study-trial": probe_study_trial,
+    "api:study-trial-promote": probe_study_trial_promote,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}
 

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views, views_endpoints, views_jobs, views_new_job, views_workspace
+from . import views, views_endpoints, views_jobs, views_new_job, views_studies, views_workspace
 
 app_name = "dashboard"
 
@@ -17,6 +17,16 @@ urlpatterns = [
     path("jobs/new/", views_new_job.new_job, name="job-new"),
     path("jobs/compare/", views_jobs.compare, name="job-compare"),
     path("jobs/<str:public_id>/", views_jobs.job_detail, name="job-detail"),
+    path("studies/", views_studies.studies, name="studies"),
+    path("studies/new/", views_studies.study_new, name="study-new"),
+    path("studies/<str:public_id>/", views_studies.study_detail, name="study-detail"),
+    path("studies/<str:public_id>/trials/", views_studies.study_trials, name="study-trials"),
+    path("studies/<str:public_id>/cancel/", views_studies.cancel_study, name="study-cancel"),
+    path(
+        "studies/<str:public_id>/trials/<int:number>/promote/",
+        views_studies.promote_trial,
+        name="study-trial-promote",
+    ),
     path("endpoints/", views_endpoints.endpoints, name="endpoints"),
     path("endpoints/compare/", views_endpoints.endpoint_compare, name="endpoint-compare"),
     path("endpoints/<str:public_id>/", views_endpoints.endpoint_detail, name="endpoint-detail"),

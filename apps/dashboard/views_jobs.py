@@ -5,6 +5,7 @@ and the metric curves, which grow with the run, are fetched by the page's script
 uses, so a job with 100k events opens as fast as a new one."""
 
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ObjectDoesNotExist
 from django.http import Http404
 from django.shortcuts import render
 
@@ -42,8 +43,17 @@ def job_detail(request, public_id: str):
         **_samples(job),
         # Listed even before the job succeeds: the form appears live, without a reload, when it does.
         "evaluation_files": files_evaluable(tenant=job.tenant),
+        "study_trial": _study_trial(job),
     }
     return render(request, "dashboard/job_detail.html", context)
+
+
+def _study_trial(job):
+    """The hyperparameter-study trial this job ran for, or None for a job started on its own."""
+    try:
+        return job.study_trial
+    except ObjectDoesNotExist:
+        return None
 
 
 def _samples(job) -> dict:

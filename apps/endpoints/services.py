@@ -31,8 +31,15 @@ _UNSET = object()
 def deploy_gate(job: FineTuningJob) -> str | None:
     """Whether `job`'s model may be deployed: None allows it, a sentence refuses it (a 400 with that message).
 
-    Step 8 plugs the bias-audit approval in here (a job awaiting review or rejected may not be served); until then
-    every succeeded job may be deployed."""
+    A study's trial must be promoted first; Step 8 plugs the bias-audit approval in here (a job awaiting review or
+    rejected may not be served)."""
+    from apps.tuning.services import job_is_unpromoted_trial
+
+    if job_is_unpromoted_trial(job):
+        return (
+            f"Job {job.public_id} is a trial of a hyperparameter study; promote it from the study "
+            "(POST /v1/tuning/studies/{study}/trials/{number}/promote) to deploy its model."
+        )
     return None
 
 

@@ -153,14 +153,25 @@ class StopReason:
     CANCELLED = "cancelled"
     PAUSED = "paused"
     PREEMPTED = "preempted"  # the worker is shutting down: checkpoint, then queue the job again
+    PRUNED = "pruned"  # a study's pruner judged this trial not worth finishing
 
 
 class _JobProgress:
     """The ML library's callback: events become rows (and websocket pushes), checkpoints become JobCheckpoint rows
     with their files in the object store; it polls for cancel, pause, worker shutdown and fencing."""
 
-    def __init__(self, job: FineTuningJob, attempt: int, *, checkpoint_dir: Path, worker_stopping: threading.Event):
+    def __init__(
+        self,
+        job: FineTuningJob,
+        attempt: int,
+        *,
+        checkpoint_dir: Path,
+        worker_stopping: threading.Event,
+        trial_reporter=None,
+    ):
         self.job = job
+        # Set when the job is a trial of a hyperparameter study: evaluations go to the study's pruner.
+        self.trial_reporter = trial_reporter
         self.attempt = attempt
         self.checkpoint_dir = checkpoint_dir
         self.worker_stopping = worker_stopping
@@ -178,6 +189,8 @@ class _JobProgress:
         data = event.data
         if event.type == EventType.METRICS and data:
             self._record_progress(data)
+            if self._pruned_by_study(data):
+                self.stop_reason = StopReason.PRUNED
             if not self._metrics_worth_storing(data):
                 return
             # A resumed job logs again the steps after its last checkpoint: the attempt tells a chart which to keep.
@@ -186,6 +199,12 @@ class _JobProgress:
             return
         level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
         job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=data)
+
+    def _pruned_by_study(self, data: dict) -> bool:
+        """A trial's evaluation goes to its study's pruner, which may judge the rest of the run not worth it."""
+        if self.trial_reporter is None or self.stop_reason is not None or not metrics_have_evaluation(data):
+            return False
+        return self.trial_reporter.report(step=int(data.get("step") or 0), metrics=data)
 
     def _record_progress(self, data: dict) -> None:
         # Fenced update: only the current attempt may move the progress (the lease is the heartbeat thread's).
@@ -485,8 +504,14 @@ def job_run(*, job_id: int, worker_stopping: threading.Event | None = None) -> N
     work_dir = Path(settings.WORK_DIR) / "jobs" / job.public_id / f"attempt-{attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
+    from apps.tuning.services import trial_reporter_for_job
+
     progress = _JobProgress(
-        job, attempt, checkpoint_dir=_checkpoint_dir(job), worker_stopping=worker_stopping or threading.Event()
+        job,
+        attempt,
+        checkpoint_dir=_checkpoint_dir(job),
+        worker_stopping=worker_stopping or threading.Event(),
+        trial_reporter=trial_reporter_for_job(job),
     )
     try:
         with _attempt_lease(job, attempt, progress):
@@ -602,6 +627,17 @@ def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_
             events=[(EventLevel.INFO, f"Job cancelled at step {result.steps_completed:,}")],
         )
         return
+    if reason == StopReason.PRUNED:
+        from apps.tuning.services import PRUNED_ACTOR
+
+        _finish(
+            job,
+            attempt=attempt,
+            to_status=JobStatus.CANCELLED,
+            actor=PRUNED_ACTOR,
+            events=[(EventLevel.INFO, f"Trial pruned at step {result.steps_completed:,}: {_pruned_reason(job)}")],
+        )
+        return
     if reason == StopReason.PAUSED:
         paused = f"Job paused at step {result.steps_completed:,}; resuming continues from here"
         _finish(
@@ -626,7 +662,13 @@ def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_
         return
     object_store().delete_prefix(prefix + "/")
     object_store().upload_dir(prefix, work_dir / "model")
-    fine_tuned_model = fine_tuned_model_name(job)
+    if progress.trial_reporter is not None:
+        # A study's trial: its model is kept, and named (listed, deployable) only when the study promotes it.
+        fine_tuned_model = ""
+        created = f"Trial model saved; promote it from study {progress.trial_reporter.study.public_id} to use it"
+    else:
+        fine_tuned_model = fine_tuned_model_name(job)
+        created = f"New fine-tuned model created: {fine_tuned_model}"
     _finish(
         job,
         attempt=attempt,
@@ -635,8 +677,11 @@ def _run_attempt(job: FineTuningJob, attempt: int, progress: _JobProgress, work_
         fine_tuned_model=fine_tuned_model,
         trained_tokens=result.train_tokens,
         metrics=_final_metrics(result),
-        events=[
-            (EventLevel.INFO, f"New fine-tuned model created: {fine_tuned_model}"),
-            (EventLevel.INFO, "The job has successfully completed"),
-        ],
+        events=[(EventLevel.INFO, created), (EventLevel.INFO, "The job has successfully completed")],
     )
+
+
+def _pruned_reason(job: FineTuningJob) -> str:
+    from apps.tuning.models import Trial
+
+    return Trial.objects.filter(job=job).values_list("state_reason", flat=True).first() or "the study's pruner"

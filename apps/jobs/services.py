@@ -185,7 +185,7 @@ def training_data_problem(file: File, entry: CatalogModel, hyperparameters: dict
     return None
 
 
-def _files_verdict(
+def files_verdict(
     job_files: list[tuple[File, str]], entry: CatalogModel, hyperparameters: dict
 ) -> tuple[str, dict | None]:
     """("ready" | "waiting" | "failed", error) for a job's files: all checked and usable, some still being
@@ -318,7 +318,7 @@ def _job_create(
     # it sees this job waiting, or this job sees the result. Without it a job could wait forever.
     job_files = [(File.objects.select_for_update().get(pk=file.pk), param) for file, param in job_files]
     # The files first: "this model cannot learn this file" is the error to show, not what it implies for settings.
-    verdict, error = _files_verdict(job_files, entry, hyperparameters or {})
+    verdict, error = files_verdict(job_files, entry, hyperparameters or {})
     if verdict == "failed":
         raise ApiError(error["message"], code=error["code"], param=error["param"])
     resolved = resolve_hyperparameters(hyperparameters, entry=entry, task=file_engine_task(job_files[0][0]))
@@ -503,7 +503,7 @@ def jobs_advance_after_file_validation(*, file: File) -> None:
                 {"code": "model_not_found", "message": f"{job.model} left the catalog.", "param": "model"},
             )
         else:
-            verdict, error = _files_verdict(_job_files(job), entry, job.hyperparameters)
+            verdict, error = files_verdict(_job_files(job), entry, job.hyperparameters)
         if verdict == "ready":
             _enqueue(job, actor=SYSTEM_ACTOR)
         elif verdict == "failed":
@@ -591,11 +591,13 @@ def job_resume(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | N
 
 
 def _job_finished_hooks(job: FineTuningJob) -> None:
-    """Inside the transaction that records a final status: the tenant's webhooks are told (once it commits), and its
-    slot goes to the next queued job."""
+    """Inside the transaction that records a final status: the tenant's webhooks are told (once it commits), a study
+    whose trial it was advances, and its slot goes to the next queued job."""
+    from apps.tuning.services import studies_after_job_finished
     from apps.webhooks.services import webhooks_job_finished
 
     webhooks_job_finished(job=job)
+    studies_after_job_finished(job)
     if job.prepared_data_prefix:
         # The tokenized copy of the tenant's data serves only this job's attempts.
         prefix = job.prepared_data_prefix

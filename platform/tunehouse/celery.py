@@ -11,7 +11,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tunehouse.settings")
 
 app = Celery(
     "tunehouse",
-    include=["workers.tasks.datasets", "workers.tasks.preparation", "workers.tasks.training", "workers.tasks.webhooks"],
+    include=[
+        "workers.tasks.datasets",
+        "workers.tasks.preparation",
+        "workers.tasks.training",
+        "workers.tasks.tuning",
+        "workers.tasks.webhooks",
+    ],
 )
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Celery's "current app" is per thread; Django under ASGI runs views in worker threads, where `shared_task` would

@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "apps.jobs",
     "apps.webhooks",
     "apps.endpoints",
+    "apps.tuning",
     "apps.dashboard",
 ]
 
@@ -276,6 +277,7 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.datasets.*": {"queue": "cpu"},
     "workers.tasks.webhooks.*": {"queue": "cpu"},
     "workers.tasks.preparation.*": {"queue": "cpu"},
+    "workers.tasks.tuning.*": {"queue": "cpu"},
     "workers.tasks.training.*": {"queue": "gpu"},
 }
 CELERY_TASK_ALWAYS_EAGER = False

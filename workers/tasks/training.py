@@ -71,13 +71,14 @@ def _start_job_recovery(**_) -> None:
 
 
 def _recover_jobs_forever() -> None:
-    """Every worker's main process repairs expired leases, dispatches queued jobs and re-sends overdue webhook
-    deliveries every few seconds: no extra scheduler process to run, and several workers doing it at once is
-    harmless (row locks, idempotent steps)."""
+    """Every worker's main process repairs expired leases, dispatches queued jobs, re-sends overdue webhook
+    deliveries and advances hyperparameter studies a lost message left waiting, every few seconds: no extra
+    scheduler process to run, and several workers doing it at once is harmless (row locks, idempotent steps)."""
     from django.conf import settings
     from django.db import connection
 
     from apps.jobs.services import jobs_recover
+    from apps.tuning.services import studies_reconcile
     from apps.webhooks.services import webhook_deliveries_redispatch_overdue
 
     stop = threading.Event()
@@ -87,6 +88,7 @@ def _recover_jobs_forever() -> None:
             if result["requeued"]:
                 logger.warning("requeued jobs whose worker stopped answering: %s", ", ".join(result["requeued"]))
             webhook_deliveries_redispatch_overdue()
+            studies_reconcile()
         except Exception:
             logger.exception("job recovery failed; trying again")
         finally:
