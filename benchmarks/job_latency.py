@@ -3,11 +3,12 @@ one JSON object.
 
     .venv/bin/python benchmarks/job_latency.py [--jobs 20] [--max-steps 5] [--ws-steps 200]
 
-Everything runs here, as ``make up`` runs it (``tunehouse.localrun``): a private Redis, the ASGI server (uvicorn),
-one ``cpu`` and one ``gpu`` Celery worker, on a fresh SQLite database and data folder in a temporary directory
-(``manage.py migrate``, ``prepare_catalog --no-convert``: the jobs train ``gpt2-tiny`` from scratch, no converted
-model is needed, and ``create_tenant`` for the API key). One small text corpus (400 generated English sentences) is
-uploaded once through ``POST /v1/files`` and validated by the ``cpu`` worker before anything is timed.
+Everything runs here, as ``make up`` runs it (``tunehouse.localrun``, started by ``benchmarks/local_platform.py``): a
+private Redis, the ASGI server (uvicorn), one ``cpu`` and one ``gpu`` Celery worker, on a fresh SQLite database and
+data folder in a temporary directory (``manage.py migrate``, ``prepare_catalog --no-convert``: the jobs train
+``gpt2-tiny`` from scratch, no converted model is needed, and ``create_tenant`` for the API key). One small text
+corpus (400 generated English sentences) is uploaded once through ``POST /v1/files`` and validated by the ``cpu``
+worker before anything is timed.
 
 ``submit_to_first_step``: one warm-up job first (not counted: the ``gpu`` pool process imports the engine and the
 tokenized-data cache is filled), then ``--jobs`` jobs strictly one after another through ``POST
@@ -43,85 +44,23 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-PLATFORM_DIR = REPOSITORY_ROOT / "platform"
-for _folder in (PLATFORM_DIR, REPOSITORY_ROOT):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from benchmarks.machine import cpu_model  # noqa: E402  (the repository root is on sys.path from here)
+# benchmarks/ is sys.path[0] when this runs as a script; local_platform puts platform/ and the repository root there.
+from local_platform import LocalPlatform, english_corpus, local_platform, upload_processed
+from machine import cpu_model
 
 GOAL_SUBMIT_P50_SECONDS = 5.0
 GOAL_EVENT_P95_MILLISECONDS = 250.0
 _TERMINAL = {"succeeded", "failed", "cancelled"}
-_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-_SUBJECTS = ["The cat", "A small dog", "The old sailor", "My neighbour", "The engineer", "A quiet child", "The river",
-             "Our teacher", "The baker", "A tired farmer", "The young painter", "My grandmother"]  # fmt: skip
-_VERBS = ["watches", "follows", "paints", "remembers", "carries", "finds", "builds", "answers", "visits", "mends"]
-_OBJECTS = ["the morning light", "a red kite", "the long road", "an empty boat", "the last letter", "a warm loaf",
-            "the broken gate", "a blue umbrella", "the village square", "an old map"]  # fmt: skip
-_ENDINGS = ["before dawn.", "in the rain.", "without a word.", "near the harbour.", "after supper.", "every day.",
-            "with great care.", "when the bells ring.", "as the wind rises.", "under the bridge."]  # fmt: skip
-
-
-def english_corpus(sentences: int = 400, seed: int = 7) -> str:
-    rng = random.Random(seed)
-    return "".join(
-        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}\n"
-        for _ in range(sentences)
-    )
-
-
-# -- HTTP --------------------------------------------------------------------------------------------------------
-class Api:
-    def __init__(self, base_url: str, api_key: str):
-        self.base_url = base_url
-        self.headers = {"Authorization": f"Bearer {api_key}"}
-
-    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> dict:
-        headers = dict(self.headers)
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)  # noqa: S310
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback only
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"{method} {path}: HTTP {error.code}: {error.read()[:2000]!r}") from error
-
-    def get(self, path: str) -> dict:
-        return self._call("GET", path)
-
-    def post_json(self, path: str, payload: dict) -> dict:
-        return self._call("POST", path, json.dumps(payload).encode(), "application/json")
-
-    def upload(self, filename: str, content: bytes) -> dict:
-        boundary = uuid.uuid4().hex
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                "Content-Type: text/plain\r\n\r\n"
-            ).encode()
-            + content
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        return self._call("POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")
 
 
 # -- websockets ---------------------------------------------------------------------------------------------------
@@ -189,16 +128,6 @@ def _is_finished(job_id: str):
     )
 
 
-# -- processes ----------------------------------------------------------------------------------------------------
-def _manage(env: dict, *arguments: str) -> str:
-    completed = subprocess.run(
-        [sys.executable, "manage.py", *arguments], cwd=REPOSITORY_ROOT, env=env, capture_output=True, text=True
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"manage.py {' '.join(arguments)} failed:\n{completed.stdout}\n{completed.stderr[-4000:]}")
-    return completed.stdout
-
-
 def _summary(values: list[float], scale: float, digits: int) -> dict[str, Any]:
     ordered = sorted(value * scale for value in values)
 
@@ -221,75 +150,19 @@ def _timestamp(value: datetime | None) -> float | None:
 
 
 def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    from tunehouse.localrun import (
-        RedisServer,
-        free_port,
-        start_asgi_server,
-        start_celery_worker,
-        stop_process,
-        wait_until,
-    )
+    with local_platform(folder) as local:
+        return _measure(arguments, local)
 
-    data_dir = folder / "data"
-    logs = folder / "logs"
-    logs.mkdir(parents=True)
-    processes: list[subprocess.Popen] = []
+
+def _measure(arguments: argparse.Namespace, local: LocalPlatform) -> dict[str, Any]:
     sockets: list[SocketRecorder] = []
-    redis_server = RedisServer.start(str(folder / "redis"))
     try:
-        python_path = [str(PLATFORM_DIR), str(REPOSITORY_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = dict(
-            os.environ,
-            **_OFFLINE,
-            DATABASE_URL=f"sqlite:///{folder / 'db.sqlite3'}",
-            TUNEHOUSE_DATA_DIR=str(data_dir),
-            REDIS_URL=redis_server.url,
-            DJANGO_SETTINGS_MODULE="tunehouse.settings",
-            PYTHONPATH=os.pathsep.join(python_path),
-            PYTHONUNBUFFERED="1",
-        )
-        # This process reads the same database afterwards and pings the workers: same settings as theirs.
-        os.environ.update(env)
-        setup_started = time.perf_counter()
-        _manage(env, "migrate", "--noinput")
-        _manage(env, "prepare_catalog", "--no-convert")
-        created = json.loads(_manage(env, "create_tenant", "bench", "--owner-email", "owner@bench.test"))
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        processes.append(start_asgi_server(port=port, env=env, log_path=logs / "web.log"))
-        processes.append(start_celery_worker(queues="cpu", env=env, log_path=logs / "worker-cpu.log", name="cpu"))
-        processes.append(start_celery_worker(queues="gpu", env=env, log_path=logs / "worker-gpu.log", name="gpu"))
-
-        import django
-
-        django.setup()
-        from tunehouse.celery import app
-
-        wait_until(
-            lambda: urllib.request.urlopen(f"{base_url}/healthz", timeout=2).status == 200,  # noqa: S310 - loopback
-            timeout=120,
-            what="uvicorn",
-            process=processes[0],
-            log=logs / "web.log",
-        )
-
-        def both_workers_answer() -> bool:
-            replies = app.control.ping(timeout=0.5) or []
-            return {"cpu", "gpu"} <= {name.split("@")[0] for reply in replies for name in reply}
-
-        wait_until(both_workers_answer, timeout=120, what="celery workers", log=logs / "worker-gpu.log")
-
-        api = Api(base_url, created["api_key"])
-        upload = api.upload("stories.txt", english_corpus().encode())
-        deadline = time.monotonic() + 120
-        while (file := api.get(f"/v1/files/{upload['id']}"))["status"] != "processed":
-            if file["status"] == "error" or time.monotonic() > deadline:
-                raise RuntimeError(f"the training file was not processed: {file}")
-            time.sleep(0.1)
-        setup_seconds = time.perf_counter() - setup_started
+        api, base_url, port = local.api, local.base_url, local.port
+        training_file = upload_processed(api, "stories.txt", english_corpus().encode())
+        setup_seconds = time.perf_counter() - local.setup_started
 
         ws_base = f"ws://127.0.0.1:{port}"
-        feed = SocketRecorder(f"{ws_base}/ws/events/", api_key=created["api_key"], origin=base_url)
+        feed = SocketRecorder(f"{ws_base}/ws/events/", api_key=local.api_key, origin=base_url)
         sockets.append(feed)
 
         def hyperparameters(steps: int) -> dict:
@@ -300,7 +173,7 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
             submitted = time.time()
             job = api.post_json(
                 "/v1/fine_tuning/jobs",
-                {"model": "gpt2-tiny", "training_file": upload["id"], "hyperparameters": hyperparameters(steps)},
+                {"model": "gpt2-tiny", "training_file": training_file, "hyperparameters": hyperparameters(steps)},
             )
             first_step, _ = feed.wait_for(_is_step(job["id"], 1), timeout=arguments.timeout, what="step 1")
             return job["id"], submitted, first_step
@@ -323,12 +196,12 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "/v1/fine_tuning/jobs",
             {
                 "model": "gpt2-tiny",
-                "training_file": upload["id"],
+                "training_file": training_file,
                 "hyperparameters": hyperparameters(arguments.ws_steps),
             },
         )
         job_socket = SocketRecorder(
-            f"{ws_base}/ws/fine_tuning/jobs/{long_job['id']}/", api_key=created["api_key"], origin=base_url
+            f"{ws_base}/ws/fine_tuning/jobs/{long_job['id']}/", api_key=local.api_key, origin=base_url
         )
         sockets.append(job_socket)
         # The socket's first message is the job itself, sent after it joined the job's group: events written before
@@ -341,7 +214,7 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
         from apps.jobs.models import FineTuningJob, JobEvent
 
-        tenant_id = created["tenant_id"]
+        tenant_id = local.tenant_id
 
         def metrics_received(recorder: SocketRecorder, job_id: str) -> dict[str, float]:
             first: dict[str, float] = {}
@@ -439,13 +312,6 @@ def run(arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
         for recorder in sockets:
             with contextlib.suppress(Exception):  # closing on the way out; the processes go next anyway
                 recorder.close()
-        with contextlib.suppress(Exception):  # Django is not set up when the failure came early
-            from django.db import connections
-
-            connections.close_all()
-        for process in reversed(processes):
-            stop_process(process)
-        redis_server.stop()
 
 
 def main() -> None:
