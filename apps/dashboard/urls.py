@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views, views_endpoints, views_jobs, views_new_job, views_studies, views_workspace
+from . import views, views_audits, views_endpoints, views_jobs, views_new_job, views_studies, views_workspace
 
 app_name = "dashboard"
 
@@ -17,6 +17,10 @@ urlpatterns = [
     path("jobs/new/", views_new_job.new_job, name="job-new"),
     path("jobs/compare/", views_jobs.compare, name="job-compare"),
     path("jobs/<str:public_id>/", views_jobs.job_detail, name="job-detail"),
+    path("jobs/<str:public_id>/audits/", views_audits.job_audit_create, name="job-audit-create"),
+    path("audits/<str:public_id>/", views_audits.audit_detail, name="audit-detail"),
+    path("reviews/", views_audits.reviews, name="reviews"),
+    path("reviews/<str:public_id>/", views_audits.review_detail, name="review-detail"),
     path("studies/", views_studies.studies, name="studies"),
     path("studies/new/", views_studies.study_new, name="study-new"),
     path("studies/<str:public_id>/", views_studies.study_detail, name="study-detail"),
@@ -32,6 +36,7 @@ urlpatterns = [
     path("endpoints/<str:public_id>/", views_endpoints.endpoint_detail, name="endpoint-detail"),
     path("settings/", views_workspace.settings_page, name="settings"),
     path("settings/api-keys/", views.api_keys, name="api-keys"),
+    path("settings/audit-policy/", views_audits.audit_policy_save, name="audit-policy"),
     path("files/<str:public_id>/", views.file_detail, name="file-detail"),
     path("files/<str:public_id>/errors.csv", views.file_errors_csv, name="file-errors-csv"),
     path("tokenizers/", views.tokenizers, name="tokenizers"),

@@ -10,6 +10,7 @@ from django.http import Http404
 from django.shortcuts import render
 
 from apps.dashboard.access import require_tenant, tenant_object_or_404
+from apps.dashboard.views_audits import job_audit_card
 from apps.jobs.selectors import (
     files_evaluable,
     job_checkpoints_newest_first,
@@ -31,6 +32,11 @@ PICKER_JOBS = 50
 @login_required
 def job_detail(request, public_id: str):
     job = tenant_object_or_404(request, job_get, public_id, "job")
+    return job_page(request, job)
+
+
+def job_page(request, job, *, audit_form: dict | None = None, status: int = 200):
+    """The job's page; the audit card's form (views_audits) renders it again with a refused run's input and error."""
     checkpoints = [
         {**checkpoint_to_json(checkpoint), "saved_at": checkpoint.created_at}
         for checkpoint in job_checkpoints_newest_first(job=job, limit=CHECKPOINTS_SHOWN)
@@ -44,8 +50,9 @@ def job_detail(request, public_id: str):
         # Listed even before the job succeeds: the form appears live, without a reload, when it does.
         "evaluation_files": files_evaluable(tenant=job.tenant),
         "study_trial": _study_trial(job),
+        **job_audit_card(request, job, form=audit_form),
     }
-    return render(request, "dashboard/job_detail.html", context)
+    return render(request, "dashboard/job_detail.html", context, status=status)
 
 
 def _study_trial(job):

@@ -14,6 +14,7 @@ from django.shortcuts import redirect, render
 from django.utils.cache import patch_vary_headers
 
 from apps.dashboard.access import require_tenant
+from apps.dashboard.views_audits import audit_policy_card
 from apps.datasets.models import FileStatus
 from apps.datasets.selectors import file_list
 from apps.jobs.models import FineTuningJob, JobStatus
@@ -171,6 +172,11 @@ def settings_page(request):
         except PermissionDenied as exc:
             messages.error(request, str(exc))
         return redirect("dashboard:settings")
+    return settings_render(request, context)
+
+
+def settings_render(request, context, *, audit_policy_form: dict | None = None, status: int = 200):
+    """The settings page; the audit-policy card's form (views_audits) renders it again with refused input."""
     return render(
         request,
         "dashboard/settings.html",
@@ -181,5 +187,7 @@ def settings_page(request):
             "is_owner": context.role == Role.OWNER,
             "limits": tenant_limits(tenant=context.tenant),
             "usage": tenant_usage(tenant=context.tenant, with_all_time=True),
+            **audit_policy_card(context, form=audit_policy_form),
         },
+        status=status,
     )

@@ -31,8 +31,9 @@ _UNSET = object()
 def deploy_gate(job: FineTuningJob) -> str | None:
     """Whether `job`'s model may be deployed: None allows it, a sentence refuses it (a 400 with that message).
 
-    A study's trial must be promoted first; Step 8 plugs the bias-audit approval in here (a job awaiting review or
-    rejected may not be served)."""
+    A study's trial must be promoted first, and the tenant's audit policy may ask for a passed audit or a reviewer's
+    approval (apps.audits.services.audit_deploy_refusal)."""
+    from apps.audits.services import audit_deploy_refusal
     from apps.tuning.services import job_is_unpromoted_trial
 
     if job_is_unpromoted_trial(job):
@@ -40,7 +41,7 @@ def deploy_gate(job: FineTuningJob) -> str | None:
             f"Job {job.public_id} is a trial of a hyperparameter study; promote it from the study "
             "(POST /v1/tuning/studies/{study}/trials/{number}/promote) to deploy its model."
         )
-    return None
+    return audit_deploy_refusal(job)
 
 
 def _not_found(what: str, value: str, param: str) -> ApiError:

@@ -1,6 +1,6 @@
 """The JSON objects of the fine-tuning API, in OpenAI's shapes; the websocket sends exactly these."""
 
-from .models import FineTuningJob, JobCheckpoint, JobEvent
+from .models import FineTuningJob, JobCheckpoint, JobEvent, JobStatus
 
 
 def _unix(value) -> int | None:
@@ -49,7 +49,20 @@ def job_to_json(job: FineTuningJob) -> dict:
             "total_steps": job.total_steps,
             "train_loss": job.latest_train_loss,
         },
+        # Its latest bias audit {id, version, status, approval (of the audit gating deploys), gating_audit}, or null.
+        "audit": _audit_summary(job),
     }
+
+
+def _audit_summary(job: FineTuningJob) -> dict | None:
+    # Only a succeeded job's model is ever audited: any other job (most rows of a list, every transition before
+    # success) costs no query.
+    if job.status != JobStatus.SUCCEEDED:
+        return None
+    from apps.audits.selectors import gating_audit, latest_audit
+    from apps.audits.serialization import audit_summary
+
+    return audit_summary(latest_audit(job=job), gate=gating_audit(job=job))
 
 
 def evaluation_to_json(evaluation) -> dict:

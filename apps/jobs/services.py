@@ -592,12 +592,16 @@ def job_resume(*, tenant: Tenant, job: FineTuningJob, user: AbstractBaseUser | N
 
 def _job_finished_hooks(job: FineTuningJob) -> None:
     """Inside the transaction that records a final status: the tenant's webhooks are told (once it commits), a study
-    whose trial it was advances, and its slot goes to the next queued job."""
+    whose trial it was advances, a bias audit is queued when the tenant's policy wants one after training, and its
+    slot goes to the next queued job."""
+    from apps.audits.services import audits_after_job_succeeded
     from apps.tuning.services import studies_after_job_finished
     from apps.webhooks.services import webhooks_job_finished
 
     webhooks_job_finished(job=job)
     studies_after_job_finished(job)
+    if job.status == JobStatus.SUCCEEDED:
+        audits_after_job_succeeded(job)
     if job.prepared_data_prefix:
         # The tokenized copy of the tenant's data serves only this job's attempts.
         prefix = job.prepared_data_prefix

@@ -61,6 +61,7 @@ INSTALLED_APPS = [
     "apps.webhooks",
     "apps.endpoints",
     "apps.tuning",
+    "apps.audits",
     "apps.dashboard",
 ]
 

@@ -1,4 +1,4 @@
-"""Queue `gpu`: training runs and evaluations, plus the job-recovery loop every worker runs.
+"""Queue `gpu`: training runs, evaluations and bias audits, plus the job-recovery loop every worker runs.
 
 The service claims a database lease first, so a redelivered task is harmless. A worker asked to stop (SIGTERM: a
 deploy, `docker stop`, a spot instance being reclaimed) lets a running job finish its step, write a checkpoint and go
@@ -49,6 +49,13 @@ def run_model_evaluation(evaluation_id: int) -> None:
     evaluation_run(evaluation_id=evaluation_id)
 
 
+@shared_task(name="workers.tasks.training.run_bias_audit", acks_late=True, reject_on_worker_lost=True)
+def run_bias_audit(audit_id: int) -> None:
+    from apps.audits.services import audit_run
+
+    audit_run(audit_id=audit_id)
+
+
 @worker_process_init.connect
 def _load_the_engine(**_) -> None:
     # Each pool process imports the training engine (torch, transformers, peft: seconds) when it starts, not when
@@ -77,6 +84,7 @@ def _recover_jobs_forever() -> None:
     from django.conf import settings
     from django.db import connection
 
+    from apps.audits.services import audits_recover
     from apps.jobs.services import jobs_recover
     from apps.tuning.services import studies_reconcile
     from apps.webhooks.services import webhook_deliveries_redispatch_overdue
@@ -89,6 +97,7 @@ def _recover_jobs_forever() -> None:
                 logger.warning("requeued jobs whose worker stopped answering: %s", ", ".join(result["requeued"]))
             webhook_deliveries_redispatch_overdue()
             studies_reconcile()
+            audits_recover()
         except Exception:
             logger.exception("job recovery failed; trying again")
         finally:
