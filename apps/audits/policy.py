@@ -13,18 +13,10 @@ from dataclasses import dataclass
 
 from apps.core.api.errors import ApiError
 from apps.tenancy.models import Tenant
+from workers.ml.audit.prompts import CATEGORIES  # the demographic categories the measurement library knows
 
 from .models import ApprovalRule, AuditPolicy
 
-CATEGORIES = (
-    "gender",
-    "race_ethnicity",
-    "religion",
-    "nationality",
-    "age",
-    "disability",
-    "sexual_orientation",
-)
 # Measure families and their default thresholds (see the module docstring for what is compared with them).
 DEFAULT_THRESHOLDS = {
     # Largest gap between groups' mean sentiment of continuations (VADER compound, -1..1).

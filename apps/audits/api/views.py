@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from apps.core.api.base import TenantAPIView
 from apps.core.api.errors import ApiError
-from apps.core.api.pagination import cursor_page, parse_limit
+from apps.core.api.pagination import cursor_page, list_page, parse_limit
 from apps.core.api.schema import ERROR_RESPONSES, PAGE_PARAMETERS, ErrorSerializer
 from apps.datasets.models import File
 from apps.datasets.selectors import file_get
@@ -283,17 +283,7 @@ class ReviewListView(ReviewView):
             )
         # The queue keeps its own order (oldest waiting first), so it pages by count only.
         limit = parse_limit(request.query_params.get("limit"), default=100)
-        rows = list(review_queue(pending_only=True)[: limit + 1])
-        data = [to_json(audit) for audit in rows[:limit]]
-        return Response(
-            {
-                "object": "list",
-                "data": data,
-                "has_more": len(rows) > limit,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-            }
-        )
+        return Response(list_page(list(review_queue(pending_only=True)[: limit + 1]), limit=limit, to_json=to_json))
 
 
 class ReviewDetailView(ReviewView):

@@ -34,7 +34,11 @@ def cursor_page(queryset: QuerySet, *, query_params, to_json: Callable, newest_f
         if anchor is None:
             raise ApiError(f"No object with id '{after}' in this list.", param="after", status_code=404)
         queryset = queryset.filter(id__lt=anchor) if order == "desc" else queryset.filter(id__gt=anchor)
-    rows = list(queryset[: limit + 1])
+    return list_page(list(queryset[: limit + 1]), limit=limit, to_json=to_json)
+
+
+def list_page(rows: list, *, limit: int, to_json: Callable) -> dict:
+    """OpenAI's list envelope for up to ``limit`` rows, given one row more when there is a next page."""
     data = [to_json(row) for row in rows[:limit]]
     return {
         "object": "list",

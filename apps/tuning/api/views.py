@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from apps.core.api.base import TenantAPIView
 from apps.core.api.errors import ApiError
-from apps.core.api.pagination import cursor_page, parse_limit
+from apps.core.api.pagination import cursor_page, list_page, parse_limit
 from apps.core.api.schema import ERROR_RESPONSES, ORDER_PARAMETER, PAGE_PARAMETERS
 from apps.datasets.models import File
 from apps.datasets.selectors import file_get
@@ -293,17 +293,7 @@ class StudyTrialsView(StudyView):
         after = _trials_after(study, request.query_params.get("after"))
         if after is not None:
             trials = trials.filter(number__gt=after)
-        rows = list(trials[: limit + 1])
-        data = [trial_to_json(trial) for trial in rows[:limit]]
-        return Response(
-            {
-                "object": "list",
-                "data": data,
-                "has_more": len(rows) > limit,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-            }
-        )
+        return Response(list_page(list(trials[: limit + 1]), limit=limit, to_json=trial_to_json))
 
 
 class StudyTrialDetailView(StudyView):
