@@ -50,11 +50,11 @@ def job_to_json(job: FineTuningJob) -> dict:
             "train_loss": job.latest_train_loss,
         },
         # Its latest bias audit {id, version, status, approval (of the audit gating deploys), gating_audit}, or null.
-        "audit": _audit_summary(job),
+        "audit": job_audit_summary(job),
     }
 
 
-def _audit_summary(job: FineTuningJob) -> dict | None:
+def job_audit_summary(job: FineTuningJob) -> dict | None:
     # Only a succeeded job's model is ever audited: any other job (most rows of a list, every transition before
     # success) costs no query.
     if job.status != JobStatus.SUCCEEDED:

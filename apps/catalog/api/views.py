@@ -10,6 +10,7 @@ from apps.core.api.errors import ApiError
 from apps.core.api.schema import ErrorSerializer
 from apps.jobs.models import FineTuningJob
 from apps.jobs.selectors import fine_tuned_model_get, fine_tuned_models
+from apps.jobs.serialization import job_audit_summary
 
 from ..selectors import catalog_get, catalog_list
 from ..serialization import catalog_entry_to_json
@@ -73,7 +74,8 @@ class ModelDetailView(TenantAPIView):
             return Response(catalog_entry_to_json(entry))
         # Another tenant's fine-tuned model is simply not among this tenant's: 404, like an unknown name.
         if (job := fine_tuned_model_get(tenant=self.tenant, model_id=model_id)) is not None:
-            return Response(fine_tuned_model_to_json(job))
+            # One model asked for: its bias-audit standing too (the list leaves it out, one query per model).
+            return Response({**fine_tuned_model_to_json(job), "audit": job_audit_summary(job)})
         raise ApiError(
             f"The model '{model_id}' does not exist.", code="model_not_found", param="model", status_code=404
         )

@@ -660,3 +660,12 @@ def test_a_change_the_interval_cannot_tell_from_noise_flags_only_when_the_policy
         "hurtful_gap.age",
         "sentiment_gap.nationality",
     ]
+
+
+def test_a_fine_tuned_model_says_where_its_audit_stands(tenant_a, reviewer):
+    api = tenant_a.api()
+    job = _succeeded_job(tenant_a.tenant)
+    assert api.get(f"/v1/models/{job.fine_tuned_model}").json()["audit"] is None
+    flagged = _finished_audit(job, FLAGGING)
+    model = api.get(f"/v1/models/{job.fine_tuned_model}").json()
+    assert model["audit"]["id"] == flagged.public_id and model["audit"]["approval"] == "pending"
