@@ -61,6 +61,17 @@ def _empty_serving_registry():
     _clear_serving_registry()
 
 
+@pytest.fixture
+def advances(monkeypatch) -> list[int]:
+    """The studies whose advance was sent, recorded here instead of reaching the session's `cpu` worker: for tests of
+    pages and APIs that must not train (see tests/tuning_rows.py)."""
+    from workers.tasks.tuning import advance_study
+
+    sent: list[int] = []
+    monkeypatch.setattr(advance_study, "delay", lambda study_id: sent.append(study_id))
+    return sent
+
+
 @dataclass
 class TenantFixture:
     tenant: object

@@ -10,6 +10,7 @@ ask Optuna for the same slot twice. Optuna is only ever called outside Django tr
 import logging
 import math
 from contextlib import contextmanager
+from datetime import timedelta
 
 import optuna
 from django.contrib.auth.models import AbstractBaseUser
@@ -59,6 +60,8 @@ MAX_TRIAL_RETRIES = 2
 # Failures (refused parameters, crashes) in one study before it stops instead of burning its budget on them.
 _FAILURES_BEFORE_GIVING_UP = 3
 _LOCK_SECONDS = 120
+# How old a running study must be before the recovery loop advances it without a trial having ended.
+RECONCILE_AFTER_SECONDS = 60
 _PRUNED_BY = "study:pruner"
 
 
@@ -577,8 +580,12 @@ def studies_reconcile() -> list[str]:
     room left by an advance that crashed, a budget spent while trials train), and settles the trials of studies
     cancelled since. A study being advanced elsewhere is skipped. Returns the ids advanced."""
     advanced = []
+    # A new study's first advance is the message sent when it was created: the loop steps in only once that had
+    # time to arrive (a lost message), so it never races the first advance for trial 0.
+    settled_in = timezone.now() - timedelta(seconds=RECONCILE_AFTER_SECONDS)
     waiting = Study.objects.filter(
-        Q(status=StudyStatus.RUNNING) | Q(trials__state=TrialState.RUNNING, trials__job__status__in=FINISHED_STATUSES)
+        Q(status=StudyStatus.RUNNING, created_at__lt=settled_in)
+        | Q(trials__state=TrialState.RUNNING, trials__job__status__in=FINISHED_STATUSES)
     ).distinct()
     for study in waiting:
         study_advance(study_id=study.pk, wait_seconds=0)

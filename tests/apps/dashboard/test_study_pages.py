@@ -16,6 +16,7 @@ from apps.jobs.models import FineTuningJob, JobStatus
 from apps.jobs.services import job_create
 from apps.tuning.models import Study, StudyStatus, Trial, TrialState
 from apps.tuning.services import study_create
+from tests.tuning_rows import unreachable_job
 
 # Optuna must never run inside a Django transaction (it opens its own connection to the same database).
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,6 +34,12 @@ def _training_file(tenant, *, filename: str = "chat.jsonl") -> File:
         status="processed",
         task="chat",
     )
+
+
+@pytest.fixture(autouse=True)
+def _advances_recorded(advances) -> list[int]:
+    """No study here is advanced by the session's workers: its advance messages are recorded instead."""
+    return advances
 
 
 def _browser(tenant_fixture) -> Client:
@@ -60,17 +67,10 @@ def _study(tenant_fixture, file: File, **overrides) -> Study:
 
 
 def _trial(study: Study, number: int, *, state: str = TrialState.RUNNING, value=None, steps=None, params=None) -> Trial:
-    """A trial row next to a real (queued) job from the jobs service; its state and values are set by the test, as
-    the advancing worker would record them, to check how the page renders each kind of row."""
+    """A trial row next to a real job from the jobs service (held back from the session's workers); its state and
+    values are set by the test, as the advancing worker would record them, to check how the page renders each row."""
     params = params or {"learning_rate": 10 ** -(2 + number / 4), "scheduler": ["linear", "cosine"][number % 2]}
-    job = job_create(
-        tenant=study.tenant,
-        user=None,
-        training_file=study.training_file,
-        model=study.model,
-        hyperparameters={**study.base_hyperparameters, **params},
-        suffix=f"trial-{number}",
-    )
+    job = unreachable_job(study, hyperparameters={**study.base_hyperparameters, **params}, suffix=f"trial-{number}")
     return Trial.objects.create(
         tenant=study.tenant,
         study=study,

@@ -10,10 +10,11 @@ import io
 
 import pytest
 
-from apps.jobs.models import FineTuningJob, JobStatus
+from apps.jobs.models import JobStatus
 from apps.tuning.api.views import CREATE_PARAMETERS
 from apps.tuning.models import Study, StudyStatus, Trial, TrialState
 from tests.corpus import english_corpus
+from tests.tuning_rows import unreachable_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,13 +27,9 @@ GRID = {
 
 
 @pytest.fixture(autouse=True)
-def advances(monkeypatch) -> list[int]:
-    """The study ids whose advance was sent to the `cpu` queue (recorded instead: no worker consumes it here)."""
-    from workers.tasks.tuning import advance_study
-
-    sent: list[int] = []
-    monkeypatch.setattr(advance_study, "delay", lambda study_id: sent.append(study_id))
-    return sent
+def _advances_recorded(advances) -> list[int]:
+    """Every study here is advanced by nobody: its advance messages are recorded (tests/tuning_rows.py)."""
+    return advances
 
 
 def _upload(client, name: str = "stories.txt", *, seed: int = 7) -> str:
@@ -68,17 +65,12 @@ def _error(response, status: int = 400) -> dict:
 
 
 def _trial(client, study_id: str, number: int, *, state: str = TrialState.RUNNING, with_job: bool = True) -> Trial:
-    """A trial row as the advancer records it, its job a real one made through the jobs API (never trained here)."""
+    """A trial row as the advancer records it, its job a real one from the jobs service, held back from the session's
+    workers (tests/tuning_rows.py)."""
     study = Study.objects.get(public_id=study_id)
     job = None
     if with_job:
-        response = client.post(
-            "/v1/fine_tuning/jobs",
-            {"model": "gpt2-tiny", "training_file": study.training_file.public_id, "hyperparameters": {"max_steps": 5}},
-            format="json",
-        )
-        assert response.status_code == 200, response.content
-        job = FineTuningJob.objects.get(public_id=response.json()["id"])
+        job = unreachable_job(study, hyperparameters={"max_steps": 5})
     return Trial.objects.create(
         tenant=study.tenant,
         study=study,
