@@ -270,23 +270,28 @@ def endpoint_update(
 @transaction.atomic
 def endpoint_stop(*, tenant: Tenant, endpoint: Endpoint) -> Endpoint:
     """Undeploys: serving unloads the model (state `stopped` in the registry); requests to it answer 409."""
-    if endpoint.tenant_id != tenant.pk:
-        raise _not_found("endpoint", endpoint.public_id, "endpoint")
-    Endpoint.objects.filter(pk=endpoint.pk).update(status=EndpointStatus.STOPPED)
-    endpoint.refresh_from_db()
-    _publish_on_commit(endpoint)
-    return endpoint
+    return _endpoint_set_running(tenant=tenant, endpoint=endpoint, running=False)
+
+
+def endpoint_start(*, tenant: Tenant, endpoint: Endpoint) -> Endpoint:
+    return _endpoint_set_running(tenant=tenant, endpoint=endpoint, running=True)
 
 
 @transaction.atomic
-def endpoint_start(*, tenant: Tenant, endpoint: Endpoint) -> Endpoint:
+def _endpoint_set_running(*, tenant: Tenant, endpoint: Endpoint, running: bool) -> Endpoint:
+    """Stop or start under the row's lock (a redeploy may be changing it), publishing the change once it commits."""
     if endpoint.tenant_id != tenant.pk:
         raise _not_found("endpoint", endpoint.public_id, "endpoint")
     endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
-    if endpoint.status == EndpointStatus.STOPPED:
+    stopped = endpoint.status == EndpointStatus.STOPPED
+    if running and stopped:
         endpoint.status, endpoint.error = _status_after_registering(endpoint), None
-        endpoint.save(update_fields=["status", "error", "updated_at"])
-        _publish_on_commit(endpoint)
+    elif not running and not stopped:
+        endpoint.status = EndpointStatus.STOPPED
+    else:
+        return endpoint
+    endpoint.save(update_fields=["status", "error", "updated_at"])
+    _publish_on_commit(endpoint)
     return endpoint
 
 
