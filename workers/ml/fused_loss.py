@@ -17,6 +17,8 @@ chunks are visited in order.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -53,6 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
+        trained_rows: torch.Tensor,
         targets: torch.Tensor,
         compute_dtype: torch.dtype,
         chunk_rows: int,
@@ -61,18 +64,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        trained_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        logit_gradient = _compiled_logit_gradient() if hidden.is_cuda else _logit_gradient
         for start in range(0, trained_rows.numel(), chunk_rows):
             rows = trained_rows[start : start + chunk_rows]
             inputs = hidden.index_select(0, rows).to(compute_dtype)
-            chunk_targets = targets.index_select(0, rows).unsqueeze(1)
-            logits = (inputs @ projection.t()).float()
-            log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss += (log_normaliser - logits.gather(1, chunk_targets)).sum()
-            # d(sum of losses)/d(logits) = softmax - one_hot(target), computed in place of the logits.
-            probabilities = logits.sub_(log_normaliser).exp_()
-            probabilities.scatter_add_(1, chunk_targets, torch.full_like(chunk_targets, -1.0, dtype=torch.float32))
-            gradient = probabilities.to(compute_dtype)
+            chunk_loss, gradient = logit_gradient(inputs @ projection.t(), targets.index_select(0, rows).unsqueeze(1))
+            loss += chunk_loss
             grad_hidden.index_copy_(0, rows, (gradient @ projection).to(hidden.dtype))
             # Summed in fp32 chunk by chunk (the stock head sums all rows in the compute dtype).
             grad_weight.add_((gradient.t() @ inputs).float())
@@ -82,24 +79,56 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = grad_loss.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
+        return grad_hidden * scale, grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
 
 
-def summed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _logit_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of a chunk's logits (fp32) and its gradient with respect to them, ``softmax -
+    one_hot(target)``, in the logits' dtype."""
+    compute_dtype = logits.dtype
+    logits = logits.float()
+    log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
+    loss = (log_normaliser - logits.gather(1, targets)).sum()
+    probabilities = logits.sub_(log_normaliser).exp_()
+    probabilities.scatter_add_(1, targets, torch.full_like(targets, -1.0, dtype=torch.float32))
+    return loss, probabilities.to(compute_dtype)
+
+
+@functools.cache
+def _compiled_logit_gradient():
+    # On a GPU the chunk's elementwise work (fp32 copy, log-sum-exp, softmax, one-hot) is memory-bound: eagerly it
+    # reads and writes rows x vocabulary fp32 values about eight times; compiled it is one reduction and one pass.
+    return torch.compile(_logit_gradient)
+
+
+def summed_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, trained_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum over the targets that are not ``IGNORE_INDEX`` of the cross-entropy of ``hidden @ weight.T``, in fp32.
 
     ``hidden`` is ``(..., width)`` and ``targets`` the matching ``(...)`` (already shifted: the target of a position
-    is the next token). The projection runs in the autocast dtype when autocast is on for the device, else in the
-    weight's dtype. The gradients are computed during the forward pass: call ``backward`` on this loss (or a multiple
-    of it) once, as a training step does.
+    is the next token). ``trained_rows``, the flat indices of the trained targets, may be given already (see
+    ``trained_row_indices``; on a GPU finding them from ``targets`` waits for the device). The projection runs in the
+    autocast dtype when autocast is on for the device, else in the weight's dtype. The gradients are computed during
+    the forward pass: call ``backward`` on this loss (or a multiple of it) once, as a training step does.
     """
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    flat_targets = targets.reshape(-1)
+    if trained_rows is None:
+        trained_rows = trained_row_indices(flat_targets)
     budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES["default"])
     chunk_rows = max(1, budget // (4 * weight.size(0)))
     with torch.autocast(device_type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), compute_dtype, chunk_rows)
+        return _ChunkedLinearCrossEntropy.apply(
+            flat_hidden, weight, trained_rows, flat_targets, compute_dtype, chunk_rows
+        )
+
+
+def trained_row_indices(targets: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the targets that are trained (not ``IGNORE_INDEX``); cheap on the CPU copy of a batch."""
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)

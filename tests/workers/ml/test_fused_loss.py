@@ -116,3 +116,24 @@ def test_lora_adapters_train_through_the_fused_path():
     assert stock_gradients and all("lora_" in name for name in stock_gradients)
     for name, gradient in stock_gradients.items():
         torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk path runs on CUDA only")
+def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
+    # Several chunks of unequal size, so that the compiled chunk function sees the last, shorter one too.
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3 * 64, 32, generator=generator)
+    weight = torch.randn(VOCAB, 32, generator=generator) * 0.1
+    targets = torch.randint(0, VOCAB, (3 * 64,), generator=generator)
+    targets[::5] = IGNORE_INDEX
+
+    def loss_and_gradients(device: str):
+        leaf_hidden = hidden.to(device).requires_grad_()
+        leaf_weight = weight.to(device).requires_grad_()
+        loss = fused_loss.summed_linear_cross_entropy(leaf_hidden, leaf_weight, targets.to(device))
+        loss.backward()
+        return loss.detach().cpu(), leaf_hidden.grad.cpu(), leaf_weight.grad.cpu()
+
+    for cpu_value, cuda_value in zip(loss_and_gradients("cpu"), loss_and_gradients("cuda"), strict=True):
+        torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,174 @@
+"""The packed-row GPT-2 body computes what the stock module computes on packed rows, with every attention kernel
+this machine can run, and never lets a document see another one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from tests.workers.ml.engine_fixtures import dropout_free_models, train
+from workers.ml import modeling, packed_gpt2
+from workers.ml.data.samples import write_sample_datasets
+
+VOCAB = 300
+LENGTH = 64
+
+
+def _gpt2(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return modeling.build_from_scratch(
+        architecture="gpt2", size="tiny", task="causal_lm", vocab_size=VOCAB, max_length=LENGTH, init="normal",
+        dropout=dropout,
+    )  # fmt: skip
+
+
+def _packed_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of documents of uneven lengths (positions restart at each one), the last with a padded tail."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (3, LENGTH), generator=generator)
+    layouts = [[30, 34], [5, 17, 1, 41], [60, 4]]
+    position_ids = torch.stack([torch.cat([torch.arange(length) for length in layout]) for layout in layouts])
+    return input_ids, position_ids
+
+
+def _stock_hidden(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return model.transformer(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+
+
+def _packed_hidden(model, input_ids, position_ids, kernel: str) -> torch.Tensor:
+    body = packed_gpt2.packed_body(model, kernel)
+    assert body is not None
+    return body(input_ids, position_ids, **packed_gpt2.segment_inputs(position_ids, kernel, input_ids.device))
+
+
+CPU_KERNELS = ["sdpa", "flex"]
+
+
+def test_hidden_states_and_gradients_equal_the_stock_module():
+    kernel = "sdpa"  # FlexAttention has no backward on a CPU; its forward is compared below
+    model = _gpt2()
+    model.train()
+    input_ids, position_ids = _packed_rows()
+    weights = torch.randn(3, LENGTH, model.config.n_embd, generator=torch.Generator().manual_seed(2))
+
+    stock = _stock_hidden(model, input_ids, position_ids)
+    (stock * weights).sum().backward()
+    stock_gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    packed = _packed_hidden(model, input_ids, position_ids, kernel)
+    (packed * weights).sum().backward()
+
+    torch.testing.assert_close(packed, stock, atol=1e-5, rtol=1e-4)
+    assert stock_gradients.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, stock_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_flex_forward_equals_the_stock_module():
+    model = _gpt2().eval()
+    input_ids, position_ids = _packed_rows()
+    with torch.no_grad():
+        stock = _stock_hidden(model, input_ids, position_ids)
+        packed = _packed_hidden(model, input_ids, position_ids, "flex")
+    torch.testing.assert_close(packed, stock, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_a_document_never_sees_the_one_before_it(kernel):
+    model = _gpt2().eval()
+    input_ids, position_ids = _packed_rows()
+    changed = input_ids.clone()
+    changed[1, :5] = (changed[1, :5] + 7) % VOCAB  # the first document of row 1 only
+    with torch.no_grad():
+        before = _packed_hidden(model, input_ids, position_ids, kernel)
+        after = _packed_hidden(model, changed, position_ids, kernel)
+    assert not torch.allclose(before[1, :5], after[1, :5])
+    torch.testing.assert_close(before[1, 5:], after[1, 5:], atol=0, rtol=0)
+    torch.testing.assert_close(before[[0, 2]], after[[0, 2]], atol=0, rtol=0)
+
+
+def test_lora_adapters_take_part_like_in_the_stock_forward():
+    model = get_peft_model(_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters an effect to compare
+            torch.nn.init.normal_(parameter, std=0.02)
+    input_ids, position_ids = _packed_rows()
+    stock = _stock_hidden(model.get_base_model(), input_ids, position_ids)
+    stock.sum().backward()
+    stock_gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    packed = _packed_hidden(model, input_ids, position_ids, "sdpa")
+    packed.sum().backward()
+    torch.testing.assert_close(packed, stock, atol=1e-5, rtol=1e-4)
+    assert stock_gradients and all("lora_" in name for name in stock_gradients)
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, stock_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_stock_path_stays_where_the_kernels_cannot_reproduce_it():
+    assert packed_gpt2.packed_body(_gpt2(), "hf") is None
+    assert packed_gpt2.packed_body(_gpt2(dropout=0.1), "sdpa") is None  # attention dropout
+    llama = modeling.build_from_scratch(
+        architecture="gpt2", size="tiny", task="classification", vocab_size=VOCAB, max_length=LENGTH, init="normal",
+        num_labels=2,
+    )  # fmt: skip
+    assert packed_gpt2.packed_body(llama, "sdpa") is None  # no causal LM head, no packed rows
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv(packed_gpt2.KERNEL_VARIABLE, raising=False)
+    assert packed_gpt2.choose_kernel(torch.device("cpu")) == "hf"
+    monkeypatch.setenv(packed_gpt2.KERNEL_VARIABLE, "flex")
+    assert packed_gpt2.choose_kernel(torch.device("cpu")) == "flex"
+    monkeypatch.setenv(packed_gpt2.KERNEL_VARIABLE, "fast")
+    with pytest.raises(ValueError, match=packed_gpt2.KERNEL_VARIABLE):
+        packed_gpt2.choose_kernel(torch.device("cpu"))
+
+
+def test_varlen_boundaries_describe_every_document_and_keep_a_few_shapes():
+    _, position_ids = _packed_rows()
+    boundaries = packed_gpt2.segment_inputs(position_ids, "varlen", torch.device("cpu"))["cu_seqlens"]
+    documents = [0, 30, 64, 69, 86, 87, 128, 188]
+    assert boundaries.dtype == torch.int32
+    assert boundaries[: len(documents)].tolist() == documents
+    assert set(boundaries[len(documents) :].tolist()) == {3 * LENGTH}  # empty documents pad it to a bucket
+    assert boundaries.numel() % 256 == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen and compiled flex need CUDA")
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_cuda_kernels_equal_the_stock_module_in_bf16(kernel):
+    if kernel == "varlen" and packed_gpt2._varlen_attention() is None:
+        pytest.skip("this torch has no varlen_attn")
+    model = _gpt2().cuda()
+    input_ids, position_ids = (tensor.cuda() for tensor in _packed_rows())
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        stock = _stock_hidden(model, input_ids, position_ids)
+        body = packed_gpt2.packed_body(model, kernel)
+        packed = body(input_ids, position_ids, **packed_gpt2.segment_inputs(position_ids.cpu(), kernel, "cuda"))
+    torch.testing.assert_close(packed.float(), stock.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_training_run_through_the_packed_body_follows_the_stock_runs_curve(tmp_path, monkeypatch):
+    """The engine's packed-row forward (what a GPU takes) trains like the stock path: same losses, grad norms and
+    final weights up to float rounding, for plain text and for chat rows whose prompts are not trained."""
+    samples = write_sample_datasets(str(tmp_path / "samples"))
+    for data in ("corpus.txt", "chat.jsonl"):
+        runs = {}
+        for kernel in ("hf", "sdpa"):
+            monkeypatch.setenv(packed_gpt2.KERNEL_VARIABLE, kernel)
+            with dropout_free_models():
+                runs[kernel] = train(samples[data], tmp_path / f"{data}-{kernel}", max_steps=6, seed=3)
+        stock, packed = runs["hf"].recorder, runs["sdpa"].recorder
+        assert runs["sdpa"].config.packing and len(stock.losses) == 6
+        assert packed.losses == pytest.approx(stock.losses, rel=1e-4)
+        stock_norms = [data["grad_norm"] for data in stock.metrics]
+        assert [data["grad_norm"] for data in packed.metrics] == pytest.approx(stock_norms, rel=1e-3)
+        stock_weights = load_file(str(tmp_path / f"{data}-hf" / "model.safetensors"))
+        packed_weights = load_file(str(tmp_path / f"{data}-sdpa" / "model.safetensors"))
+        for name, tensor in stock_weights.items():
+            torch.testing.assert_close(packed_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
