@@ -4,8 +4,13 @@ New sequences are admitted between decode steps: their prompts are prefilled tog
 key/value caches are padded on the left and concatenated onto the running batch's, so a sequence never waits for
 the others to finish. Finished sequences leave the batch the same way (rows selected out, all-padding columns
 trimmed). Each row keeps its own sampling parameters and its own ``torch.Generator``, so a seeded request gives
-the same text whoever shares its batch. Tokens go back to the caller through a callback (the web side puts them
-on an asyncio queue with ``call_soon_threadsafe``).
+the same text whoever shares its batch; generators and draws stay on the CPU, so a seed draws the same numbers on
+any device.
+
+On a GPU the scheduler waits for the device once per step, when it reads the sampled tokens back (transformers'
+mask building may wait once more, before the forward pass's kernels are queued): which rows sample and which rows
+stay is decided from the sequences' Python state, and host tensors reach the device by non-blocking copies. Tokens go
+back to the caller through a callback (the web side puts them on an asyncio queue with ``call_soon_threadsafe``).
 
 LoRA deployments that share a base model share one scheduler: each adapter has its own batch, and the scheduler
 switches the adapter (``set_adapter``) before each batch's step.
@@ -150,6 +155,10 @@ class GenerationScheduler:
         max_positions: int | None = None,
     ) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
+        # Host copies bound for a GPU go through pinned memory: only such a copy leaves this thread free to go on
+        # while the device works (one from pageable memory may wait for the device's queue first).
+        self._pin_host_copies = self.device.type == "cuda"
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_positions = max_positions
@@ -243,11 +252,13 @@ class GenerationScheduler:
         self._select_adapter(adapter_name)
         longest = max(len(s.prompt_ids) for s in sequences)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
-        input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, longest - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
-            attention_mask[row, longest - len(sequence.prompt_ids) :] = 1
+        paddings = [longest - len(s.prompt_ids) for s in sequences]
+        input_ids = self._on_device(
+            [[pad_id] * padding + s.prompt_ids for padding, s in zip(paddings, sequences, strict=True)], torch.long
+        )
+        attention_mask = self._on_device(
+            [[0] * padding + [1] * (longest - padding) for padding in paddings], torch.long
+        )
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         outputs = self._forward(
             input_ids=input_ids,
@@ -257,8 +268,9 @@ class GenerationScheduler:
         )
         next_tokens = self._sample(outputs.logits[:, -1, :], sequences)
         batch = self._batches.setdefault(adapter_name, _Batch())
+        first_new_row = len(batch.sequences)  # joined rows go below the running ones
         self._join(batch, sequences, outputs.past_key_values, attention_mask, next_tokens)
-        self._after_sampling(batch)
+        self._after_sampling(batch, first_new_row)
 
     def _join(self, batch: _Batch, sequences, cache: DynamicCache, attention_mask, next_tokens) -> None:
         if batch.cache is None or not batch.sequences:
@@ -299,50 +311,60 @@ class GenerationScheduler:
         batch.next_tokens = self._sample(outputs.logits[:, -1, :], batch.sequences)
         self._after_sampling(batch)
 
+    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small tensor built on the host and copied to the model's device without waiting for the device (a
+        blocking copy would stall this thread until the queued forward pass is done)."""
+        return torch.tensor(values, dtype=dtype, pin_memory=self._pin_host_copies).to(self.device, non_blocking=True)
+
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """One token per row, each with the row's temperature, top_p and generator."""
         logits = logits.float()
-        temperatures = torch.tensor([s.params.temperature for s in sequences])
-        top_ps = torch.tensor([s.params.top_p for s in sequences])
         greedy_tokens = logits.argmax(-1)
-        sampled = temperatures > 0
-        if not bool(sampled.any()):
+        params = [s.params for s in sequences]
+        plain_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p >= 1]
+        nucleus_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+        if not plain_rows and not nucleus_rows:
             return greedy_tokens[:, None]
-        probabilities = torch.softmax(logits / temperatures.clamp(min=1e-5)[:, None], dim=-1)
-        # One uniform draw per row from the row's own generator, then inverse-CDF sampling for the whole batch.
-        uniforms = torch.stack([torch.rand((), generator=s.generator) for s in sequences])
+        temperatures = self._on_device([max(p.temperature, 1e-5) for p in params], torch.float32)
+        probabilities = torch.softmax(logits / temperatures[:, None], dim=-1)
+        # One uniform draw per row from the row's own generator (on the CPU, so a seed means the same draws on any
+        # device), then inverse-CDF sampling for the whole batch.
+        uniforms = self._on_device([torch.rand((), generator=s.generator).item() for s in sequences], torch.float32)
         tokens = greedy_tokens.clone()
-        nucleus_rows = sampled & (top_ps < 1)
-        plain_rows = sampled & ~nucleus_rows
-        if bool(plain_rows.any()):
-            rows = plain_rows.nonzero().squeeze(1)
+        if plain_rows:
+            rows = self._on_device(plain_rows, torch.long)
             cumulative = probabilities[rows].cumsum(-1)
             targets = uniforms[rows, None] * cumulative[:, -1:]
             picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
             tokens[rows] = picks.squeeze(1)
-        if bool(nucleus_rows.any()):
-            rows = nucleus_rows.nonzero().squeeze(1)
+        if nucleus_rows:
+            rows = self._on_device(nucleus_rows, torch.long)
+            top_ps = self._on_device([params[row].top_p for row in nucleus_rows], torch.float32)
             sorted_probabilities, sorted_ids = probabilities[rows].sort(dim=-1, descending=True)
             cumulative = sorted_probabilities.cumsum(-1)
             # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
-            sorted_probabilities[(cumulative - sorted_probabilities) >= top_ps[rows, None]] = 0
+            sorted_probabilities.masked_fill_((cumulative - sorted_probabilities) >= top_ps[:, None], 0)
             cumulative = sorted_probabilities.cumsum(-1)
             targets = uniforms[rows, None] * cumulative[:, -1:]
             picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
             tokens[rows] = sorted_ids.gather(1, picks).squeeze(1)
         return tokens[:, None]
 
-    def _after_sampling(self, batch: _Batch) -> None:
-        """Hand each row's new token to its request; drop finished and cancelled rows from the batch."""
+    def _after_sampling(self, batch: _Batch, first_new_row: int = 0) -> None:
+        """Hand each new token (rows from ``first_new_row`` on) to its request; drop finished and cancelled rows.
+
+        After an admission only the joined rows have new tokens: the running rows' pending tokens went out at the
+        step that sampled them."""
         keep: list[int] = []
-        tokens = batch.next_tokens[:, 0].tolist()
+        new_tokens = batch.next_tokens[first_new_row:, 0].tolist()  # the step's one wait for the device
         for row, sequence in enumerate(batch.sequences):
             if sequence.cancelled:
                 sequence.finished = True
                 continue
-            token = tokens[row]
-            sequence.generated_ids.append(token)
-            self._emit_progress(sequence, token)
+            if row >= first_new_row:
+                token = new_tokens[row - first_new_row]
+                sequence.generated_ids.append(token)
+                self._emit_progress(sequence, token)
             if not sequence.finished:
                 keep.append(row)
         if len(keep) == len(batch.sequences):
@@ -351,11 +373,13 @@ class GenerationScheduler:
         if not keep:
             batch.sequences, batch.cache, batch.attention_mask, batch.next_tokens = [], None, None, None
             return
-        rows = torch.tensor(keep)
-        mask = batch.attention_mask[rows]
+        rows = self._on_device(keep, torch.long)
         # Columns that are padding in every remaining row carry nothing: cut them so the batch does not grow wide.
-        first_used = int(mask.any(0).nonzero()[0, 0])
-        batch.attention_mask = mask[:, first_used:]
+        # Each row is padding then its prompt and every token fed back so far (all generated but the newest), so
+        # the widest remaining row is known here without reading the mask back from the device.
+        widest = max(len(s.prompt_ids) + len(s.generated_ids) - 1 for s in (batch.sequences[row] for row in keep))
+        first_used = batch.attention_mask.shape[1] - widest
+        batch.attention_mask = batch.attention_mask[rows, first_used:]
         batch.cache = _new_cache(
             [(k[rows, :, first_used:], v[rows, :, first_used:]) for k, v in _cache_tensors(batch.cache)]
         )

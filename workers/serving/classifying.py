@@ -34,6 +34,7 @@ class ClassificationBatcher:
         self, model: torch.nn.Module, tokenizer, *, max_length: int, wait_seconds: float, max_batch_texts: int = 64
     ) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.wait_seconds = wait_seconds
@@ -89,11 +90,11 @@ class ClassificationBatcher:
     def _classify(self, batch: list[_Request]) -> None:
         texts = [text for request in batch for text in request.texts]
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        token_counts = encoded["attention_mask"].sum(-1).tolist()
         with torch.inference_mode():
             self.forward_passes += 1
-            logits = self.model(**encoded).logits.float()
-        probabilities = torch.softmax(logits, dim=-1).tolist()
-        token_counts = encoded["attention_mask"].sum(-1).tolist()
+            logits = self.model(**encoded.to(self.device)).logits.float()
+        probabilities = torch.softmax(logits, dim=-1).cpu().tolist()
         start = 0
         for request in batch:
             rows = range(start, start + len(request.texts))

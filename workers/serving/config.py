@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +29,11 @@ class ServingConfig:
     """Loaded models' parameters and buffers stay under this (``SERVING_MEMORY_BUDGET_MB``): idle ones are evicted."""
     threads: int
     """torch intra-op threads (``SERVING_THREADS``, default half the cores)."""
+    device: str
+    """Where models run, ``cpu`` or ``cuda`` (``SERVING_DEVICE``; ``auto``, the default, takes the GPU if any)."""
+    dtype: torch.dtype
+    """Loaded models' parameter type (``SERVING_DTYPE``: ``float32``, ``bfloat16`` or ``float16``; ``auto``, the
+    default, is bfloat16 on a GPU that supports it, else float16 on a GPU, and float32 on the CPU)."""
     instance_id: str
     """``host:pid:port``, the field this process writes in each ``serving:status:<endpoint>`` hash."""
     registry_poll_seconds: float = 2.0
@@ -41,6 +48,7 @@ class ServingConfig:
         env = os.environ if environ is None else environ
         data_dir = Path(env.get("TUNEHOUSE_DATA_DIR") or REPOSITORY_ROOT / "var").resolve()
         default_threads = max(1, (os.cpu_count() or 2) // 2)
+        device = device_from_setting(env.get("SERVING_DEVICE") or "auto")
         return cls(
             redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
             token=env.get("SERVING_TOKEN", ""),
@@ -48,5 +56,38 @@ class ServingConfig:
             cache_dir=Path(env.get("SERVING_CACHE_DIR") or data_dir / "serving-cache"),
             memory_budget_bytes=int(float(env.get("SERVING_MEMORY_BUDGET_MB") or 4096) * 1024 * 1024),
             threads=max(1, int(env.get("SERVING_THREADS") or default_threads)),
+            device=device,
+            dtype=dtype_from_setting(env.get("SERVING_DTYPE") or "auto", device),
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{port}",
         )
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_from_setting(value: str) -> str:
+    """``SERVING_DEVICE``'s value resolved: ``cpu`` or ``cuda``."""
+    choice = value.strip().lower()
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"SERVING_DEVICE must be auto, cpu or cuda, not {value!r}.")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "SERVING_DEVICE is cuda, but torch sees no CUDA GPU here (no GPU or driver, a CPU-only torch build, or an "
+            "empty CUDA_VISIBLE_DEVICES): set SERVING_DEVICE to cpu or auto."
+        )
+    return choice
+
+
+def dtype_from_setting(value: str, device: str) -> torch.dtype:
+    """``SERVING_DTYPE``'s value resolved for models running on ``device``."""
+    choice = value.strip().lower()
+    if choice == "auto":
+        if device == "cpu":
+            return torch.float32
+        # Native support only: GPUs before Ampere emulate bfloat16, slower than float16.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if choice not in _DTYPES:
+        raise ValueError(f"SERVING_DTYPE must be auto, float32, bfloat16 or float16, not {value!r}.")
+    return _DTYPES[choice]

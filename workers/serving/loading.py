@@ -90,6 +90,11 @@ def load_plain_model(folder: Path, task: str) -> torch.nn.Module:
     return model.eval()
 
 
+def place_model(model: torch.nn.Module, *, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model (adapters included) moved to the serving device and cast to the serving dtype, in eval mode."""
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def base_model_folder(folder: Path, deployment: Deployment) -> Path:
     """The base folder of an adapter: the deployment's ``base_model_dir``, else the one its adapter config names."""
     base = deployment.base_model_dir

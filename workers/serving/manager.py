@@ -37,6 +37,7 @@ from workers.serving.loading import (
     local_model_folder,
     max_positions,
     model_memory_bytes,
+    place_model,
 )
 from workers.serving.registry import (
     CAUSAL_LM,
@@ -274,8 +275,11 @@ class ModelManager:
                 return self._build_shared_adapter(deployment, folder)
             return self._build_merged_adapter(deployment, folder)
         tokenizer = load_tokenizer(folder)
-        model = load_plain_model(folder, deployment.task)
+        model = self._place(load_plain_model(folder, deployment.task))
         return self._wrap(deployment, model, tokenizer, model_memory_bytes(model))
+
+    def _place(self, model):
+        return place_model(model, device=self.config.device, dtype=self.config.dtype)
 
     def _wrap(self, deployment: Deployment, model, tokenizer, memory_bytes: int) -> ServedModel:
         positions = max_positions(model)
@@ -306,7 +310,8 @@ class ModelManager:
         base_folder = base_model_folder(folder, deployment)
         base = load_plain_model(base_folder, deployment.task)
         with MODEL_LOADING_LOCK:
-            model = PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload().eval()
+            merged = PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+        model = self._place(merged)  # merged in float32 first, so the serving dtype rounds only once
         tokenizer = load_tokenizer(folder, fallback_folder=base_folder)
         return self._wrap(deployment, model, tokenizer, model_memory_bytes(model))
 
@@ -324,7 +329,7 @@ class ModelManager:
                 base = load_plain_model(base_folder, CAUSAL_LM)
                 with MODEL_LOADING_LOCK:
                     model = PeftModel.from_pretrained(base, folder, adapter_name=adapter_name, is_trainable=False)
-                model.eval()
+                model = self._place(model)
                 scheduler = GenerationScheduler(
                     model,
                     load_tokenizer(base_folder),
@@ -342,6 +347,8 @@ class ModelManager:
                     shared.model.load_adapter(
                         folder, adapter_name=adapter_name, is_trainable=False, low_cpu_mem_usage=False
                     )
+                    # peft puts the new adapter on the base's device but keeps it in float32: cast it like the rest.
+                    self._place(shared.model)
                     adapter_bytes = model_memory_bytes(shared.model) - before
             shared.adapters.add(adapter_name)
         return ServedModel(

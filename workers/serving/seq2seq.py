@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 class Seq2SeqRunner:
     def __init__(self, model: torch.nn.Module, tokenizer) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.forward_passes = 0
         self.model_lock = threading.Lock()
@@ -48,9 +49,11 @@ class Seq2SeqRunner:
 
     def _generate(self, sequence: Sequence) -> None:
         params = sequence.params
-        input_ids = torch.tensor([sequence.prompt_ids or [self.tokenizer.eos_token_id]])
+        input_ids = torch.tensor([sequence.prompt_ids or [self.tokenizer.eos_token_id]], device=self.device)
         sampling = params.temperature > 0
-        with self.model_lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        # generate samples with the global generator of the model's device: the seed must not leak out of this call.
+        forked_devices = [] if self.device.type == "cpu" else [self.device]
+        with self.model_lock, torch.inference_mode(), torch.random.fork_rng(devices=forked_devices):
             torch.manual_seed(params.seed if params.seed is not None else int(sequence.generator.initial_seed()))
             self.forward_passes += 1
             output = self.model.generate(
@@ -62,7 +65,7 @@ class Seq2SeqRunner:
                 top_p=params.top_p if sampling else None,
                 top_k=None,
             )
-        new_ids = output[0].tolist()
+        new_ids = output[0].cpu().tolist()
         start = self.model.config.decoder_start_token_id
         if new_ids and new_ids[0] == start:
             new_ids = new_ids[1:]
