@@ -21,6 +21,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from workers.ml.data.templates import IGNORE_INDEX
 
@@ -29,6 +30,8 @@ from workers.ml.data.templates import IGNORE_INDEX
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
 # Bytes of fp32 logits per chunk: small enough to stay in a CPU's cache hierarchy, large enough for fast matmuls.
 _CHUNK_BYTES = {"cpu": 4 * 2**20, "default": 256 * 2**20}
+# Rows the projection is padded to a multiple of, per device type (CPU kernels do not need it).
+_VOCABULARY_ALIGNMENT = {"cuda": 64}
 
 
 def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Parameter] | None:
@@ -60,19 +63,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         chunk_rows: int,
     ) -> torch.Tensor:
+        vocabulary = weight.size(0)
+        # The projection gets zero rows up to a multiple of 64: GPU matrix kernels need aligned leading dimensions,
+        # and a vocabulary like GPT-2's 50,257 sends all three matmuls of a chunk to slow fallback kernels (profiled
+        # on an H200: half of a GPT-2 124M step). The padded logits are cut off before the softmax, and the padded
+        # gradient columns are zero, so nothing changes numerically.
+        alignment = _VOCABULARY_ALIGNMENT.get(hidden.device.type, 1)
+        padded_vocabulary = -(-vocabulary // alignment) * alignment
         projection = weight.to(compute_dtype)
+        if padded_vocabulary != vocabulary:
+            projection = functional.pad(projection, (0, 0, 0, padded_vocabulary - vocabulary))
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros((padded_vocabulary, weight.size(1)), dtype=torch.float32, device=weight.device)
         logit_gradient = _compiled_logit_gradient() if hidden.is_cuda else _logit_gradient
         for start in range(0, trained_rows.numel(), chunk_rows):
             rows = trained_rows[start : start + chunk_rows]
             inputs = hidden.index_select(0, rows).to(compute_dtype)
-            chunk_loss, gradient = logit_gradient(inputs @ projection.t(), targets.index_select(0, rows).unsqueeze(1))
+            chunk_targets = targets.index_select(0, rows).unsqueeze(1)
+            chunk_loss, gradient = logit_gradient(inputs @ projection.t(), chunk_targets, vocabulary)
             loss += chunk_loss
             grad_hidden.index_copy_(0, rows, (gradient @ projection).to(hidden.dtype))
             # Summed in fp32 chunk by chunk (the stock head sums all rows in the compute dtype).
             grad_weight.add_((gradient.t() @ inputs).float())
+        grad_weight = grad_weight[:vocabulary]
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss
 
@@ -85,15 +99,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale, grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
 
 
-def _logit_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy of a chunk's logits (fp32) and its gradient with respect to them, ``softmax -
-    one_hot(target)``, in the logits' dtype."""
-    compute_dtype = logits.dtype
-    logits = logits.float()
+def _logit_gradient(
+    padded_logits: torch.Tensor, targets: torch.Tensor, vocabulary: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of a chunk's logits (in fp32; only the first ``vocabulary`` columns are real) and
+    its gradient with respect to the padded logits, ``softmax - one_hot(target)`` and zero on the padding, in the
+    logits' dtype."""
+    compute_dtype = padded_logits.dtype
+    logits = padded_logits[:, :vocabulary].float()
     log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
     loss = (log_normaliser - logits.gather(1, targets)).sum()
-    probabilities = logits.sub_(log_normaliser).exp_()
+    probabilities = (logits - log_normaliser).exp_()
     probabilities.scatter_add_(1, targets, torch.full_like(targets, -1.0, dtype=torch.float32))
+    if padded_logits.size(1) != vocabulary:
+        probabilities = functional.pad(probabilities, (0, padded_logits.size(1) - vocabulary))
     return loss, probabilities.to(compute_dtype)
 
 

@@ -63,10 +63,13 @@ def _losses_and_gradients(model: torch.nn.Module, *, fused: bool, bf16: bool = F
     return loss.detach(), gradients
 
 
+@pytest.mark.parametrize("aligned", [False, True], ids=["vocabulary-as-is", "vocabulary-padded-to-64"])
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2-tied-head", "llama-untied-head"])
-def test_fused_loss_equals_the_stock_head_in_fp32(build, monkeypatch):
+def test_fused_loss_equals_the_stock_head_in_fp32(build, aligned, monkeypatch):
     # A small chunk budget, so that the rows really are split into several chunks.
     monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 16 * VOCAB * 4)
+    if aligned:  # what a GPU does: the 300-token projection padded to 320 rows
+        monkeypatch.setitem(fused_loss._VOCABULARY_ALIGNMENT, "cpu", 64)
     model = build()
     stock_loss, stock_gradients = _losses_and_gradients(model, fused=False)
     fused, fused_gradients = _losses_and_gradients(model, fused=True)
@@ -129,8 +132,8 @@ def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
     targets[::5] = IGNORE_INDEX
 
     def loss_and_gradients(device: str):
-        leaf_hidden = hidden.to(device).requires_grad_()
-        leaf_weight = weight.to(device).requires_grad_()
+        leaf_hidden = hidden.clone().to(device).requires_grad_()
+        leaf_weight = weight.clone().to(device).requires_grad_()
         loss = fused_loss.summed_linear_cross_entropy(leaf_hidden, leaf_weight, targets.to(device))
         loss.backward()
         return loss.detach().cpu(), leaf_hidden.grad.cpu(), leaf_weight.grad.cpu()
