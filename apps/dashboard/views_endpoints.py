@@ -12,6 +12,7 @@ from django.shortcuts import render
 
 from apps.dashboard.access import require_tenant, tenant_object_or_404
 from apps.jobs.selectors import fine_tuned_models
+from apps.tenancy.selectors import api_keys_for_tenant
 
 # The deploy and redeploy forms offer the newest succeeded jobs; an older one is still deployable through the API.
 DEPLOYABLE_JOBS_SHOWN = 100
@@ -122,10 +123,17 @@ def endpoint_detail(request, public_id: str):
     endpoint = tenant_object_or_404(request, _endpoint_get, public_id, "endpoint")
     task = _task(endpoint)
     api_base = _api_base(request)
+    scoped = {key.pk for key in endpoint.api_keys.all()}
     context = {
         "endpoint": endpoint,
         "task": task,
         "model_name": _model_name(endpoint),
+        # The tenant's active keys, ticked where limited to this endpoint; only owners and admins may change them.
+        "api_keys": [
+            {"id": key.public_id, "name": key.name, "prefix": key.prefix, "scoped": key.pk in scoped}
+            for key in api_keys_for_tenant(tenant=endpoint.tenant).filter(revoked_at__isnull=True)
+        ],
+        "can_manage_keys": require_tenant(request).can_manage,
         "deployable_jobs": _deployable_jobs(endpoint.tenant),
         "api_base": api_base,
         "snippets": endpoint_snippets(api_base=api_base, name=endpoint.name, public_id=endpoint.public_id, task=task),

@@ -15,7 +15,9 @@ from .models import Endpoint, EndpointRequest, EndpointStatus
 
 def endpoints_visible(*, tenant: Tenant, api_key: ApiKey | None = None) -> QuerySet[Endpoint]:
     """The tenant's endpoints, narrowed to a key's own list when the key has one (blank: all of them)."""
-    endpoints = Endpoint.objects.for_tenant(tenant).select_related("job", "checkpoint", "tenant")
+    endpoints = (
+        Endpoint.objects.for_tenant(tenant).select_related("job", "checkpoint", "tenant").prefetch_related("api_keys")
+    )
     if api_key is not None and api_key.endpoints.exists():
         endpoints = endpoints.filter(api_keys=api_key)
     return endpoints
@@ -36,9 +38,9 @@ def endpoint_for_model(*, tenant: Tenant, model: str, api_key: ApiKey | None = N
     return serving_model.exclude(status=EndpointStatus.STOPPED).first() or serving_model.first()
 
 
-def endpoints_ready(*, tenant: Tenant) -> QuerySet[Endpoint]:
-    """The tenant's endpoints that answer requests now (GET /v1/models lists them)."""
-    return Endpoint.objects.for_tenant(tenant).filter(status=EndpointStatus.READY).select_related("job", "tenant")
+def endpoints_ready(*, tenant: Tenant, api_key: ApiKey | None = None) -> QuerySet[Endpoint]:
+    """The endpoints that answer requests now (GET /v1/models lists them), narrowed like ``endpoints_visible``."""
+    return endpoints_visible(tenant=tenant, api_key=api_key).filter(status=EndpointStatus.READY)
 
 
 USAGE_WINDOWS = {

@@ -25,6 +25,8 @@ def endpoint_to_json(endpoint: Endpoint) -> dict:
         "min_replicas": endpoint.min_replicas,
         "max_replicas": endpoint.max_replicas,
         "idle_unload_seconds": endpoint.idle_unload_seconds,
+        # Keys limited to this endpoint (among others). Keys on no endpoint's list reach every endpoint, this one too.
+        "api_keys": sorted(key.public_id for key in endpoint.api_keys.all()),
         "created_at": _unix(endpoint.created_at),
         "updated_at": _unix(endpoint.updated_at),
     }

@@ -305,11 +305,29 @@ def endpoint_delete(*, tenant: Tenant, endpoint: Endpoint) -> None:
     transaction.on_commit(lambda: registry_remove(endpoint_public_id=public_id))
 
 
-def endpoint_set_api_keys(*, tenant: Tenant, endpoint: Endpoint, api_keys: list[ApiKey]) -> None:
-    """Limits these keys to (among others) this endpoint; a key with no endpoint at all reaches every one."""
-    if endpoint.tenant_id != tenant.pk or any(key.tenant_id != tenant.pk for key in api_keys):
-        raise _not_found("endpoint or key", endpoint.public_id, "api_keys")
-    endpoint.api_keys.set(api_keys)
+# More would be a list nobody can review on the endpoint page.
+MAX_SCOPED_KEYS = 100
+
+
+def endpoint_set_api_keys(*, tenant: Tenant, endpoint: Endpoint, key_ids) -> Endpoint:
+    """Sets which of the tenant's API keys are limited to (among others) this endpoint, by key id (``key-...``).
+    A key listed on no endpoint reaches all of the tenant's endpoints; one listed on some reaches only those, and
+    the others answer 404 to it. Only the tenant's active keys can be named; an unknown or revoked one (or another
+    tenant's) is not found, and nothing changes."""
+    if endpoint.tenant_id != tenant.pk:
+        raise _not_found("endpoint", endpoint.public_id, "endpoint")
+    if (
+        not isinstance(key_ids, list)
+        or len(key_ids) > MAX_SCOPED_KEYS
+        or not all(isinstance(key_id, str) and key_id for key_id in key_ids)
+    ):
+        raise ApiError(f"api_keys must be a list of at most {MAX_SCOPED_KEYS} API key ids.", param="api_keys")
+    keys = {key.public_id: key for key in ApiKey.objects.for_tenant(tenant).filter(public_id__in=key_ids)}
+    for key_id in key_ids:
+        if key_id not in keys or not keys[key_id].is_active:
+            raise _not_found("API key", key_id, "api_keys")
+    endpoint.api_keys.set(list(keys.values()))
+    return endpoint
 
 
 def endpoint_status_refresh(*, endpoint: Endpoint) -> Endpoint:

@@ -194,8 +194,12 @@ class GenerationScheduler:
 
     @property
     def active_sequences(self) -> int:
+        """Sequences still generating. A finished one may sit in its batch until the end of the step that finished
+        it, after its caller already has the answer: it does not count (else the model could not be evicted or
+        unloaded right after its last request)."""
         with self._wakeup:
-            return len(self._pending) + sum(len(batch.sequences) for batch in self._batches.values())
+            waiting = sum(not sequence.cancelled for sequence in self._pending)
+            return waiting + sum(not s.finished for batch in self._batches.values() for s in batch.sequences)
 
     def close(self) -> None:
         with self._wakeup:

@@ -58,7 +58,8 @@ class ModelListView(TenantAPIView):
         from apps.endpoints.selectors import endpoints_ready
         from apps.endpoints.serialization import endpoint_model_json
 
-        served = [endpoint_model_json(endpoint) for endpoint in endpoints_ready(tenant=self.tenant)]
+        ready = endpoints_ready(tenant=self.tenant, api_key=self.tenant_context.api_key)
+        served = [endpoint_model_json(endpoint) for endpoint in ready]
         return Response({"object": "list", "data": catalog + own + served})
 
 

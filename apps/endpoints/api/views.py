@@ -5,6 +5,7 @@ delete it, classify with it (`predict`) and read its usage. Generation goes thro
 import time
 
 from asgiref.sync import async_to_sync
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiTypes, extend_schema
 from rest_framework.response import Response
 
@@ -22,6 +23,7 @@ from ..services import (
     endpoint_delete,
     endpoint_deploy,
     endpoint_request_record,
+    endpoint_set_api_keys,
     endpoint_start,
     endpoint_status_refresh,
     endpoint_stop,
@@ -49,7 +51,20 @@ class EndpointView(TenantAPIView):
     def _body(self) -> dict:
         if not isinstance(self.request.data, dict):
             raise ApiError("The request body must be a JSON object.")
-        return self.request.data
+        body = self.request.data
+        # Checked before anything changes: a key limited to some endpoints must not be able to widen its own reach.
+        if "api_keys" in body and not self.tenant_context.can_manage:
+            raise ApiError(
+                "Choosing which API keys reach an endpoint needs an owner or admin of this organization.",
+                code="permission_denied",
+                status_code=403,
+            )
+        return body
+
+    def _scope_keys(self, endpoint: Endpoint, body: dict) -> Endpoint:
+        if "api_keys" not in body:
+            return endpoint
+        return endpoint_set_api_keys(tenant=self.tenant, endpoint=endpoint, key_ids=body["api_keys"])
 
 
 class EndpointListCreateView(EndpointView):
@@ -67,10 +82,12 @@ class EndpointListCreateView(EndpointView):
         operation_id="createEndpoint",
         description="Body: name (slug, unique in the organization), model (a fine-tuned model name or a job id), "
         "checkpoint (optional ftckpt-...), generation_defaults {max_tokens, temperature, top_p}, min_replicas, "
-        "max_replicas, idle_unload_seconds.",
+        "max_replicas, idle_unload_seconds, api_keys (owners and admins: ids of the API keys limited to this "
+        "endpoint among others; a key listed on no endpoint reaches all of them, one listed on some only those).",
         request=OpenApiTypes.OBJECT,
         responses={200: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
     )
+    @transaction.atomic
     def post(self, request):
         body = self._body()
         endpoint = endpoint_deploy(
@@ -84,7 +101,7 @@ class EndpointListCreateView(EndpointView):
             max_replicas=body.get("max_replicas"),
             idle_unload_seconds=body.get("idle_unload_seconds"),
         )
-        return Response(endpoint_to_json(endpoint))
+        return Response(endpoint_to_json(self._scope_keys(endpoint, body)))
 
 
 class EndpointDetailView(EndpointView):
@@ -100,13 +117,15 @@ class EndpointDetailView(EndpointView):
         summary="Update an endpoint (Tunehouse)",
         operation_id="updateEndpoint",
         description="Any of the create fields; a new model or checkpoint is a new revision (hot-swapped). "
-        'state: "stopped" undeploys it, "active" deploys it again.',
+        'state: "stopped" undeploys it, "active" deploys it again. Nothing changes when any field is refused.',
         request=OpenApiTypes.OBJECT,
         responses={200: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
     )
+    @transaction.atomic
     def post(self, request, public_id):
         endpoint = self.get_object()
         body = self._body()
+        endpoint = self._scope_keys(endpoint, body)
         state = body.get("state")
         if state not in (None, "active", "stopped"):
             raise ApiError("state must be 'active' or 'stopped'.", param="state")

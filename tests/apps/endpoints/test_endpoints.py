@@ -4,7 +4,10 @@ REST validation and key scoping, limits (429 + Retry-After), metering rows, usag
 import json
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
+from django.utils import timezone
+from rest_framework.test import APIClient
 
 from apps.datasets.models import File
 from apps.endpoints.models import Endpoint, EndpointRequest
@@ -13,7 +16,7 @@ from apps.endpoints.services import endpoint_request_record, endpoint_status_ref
 from apps.jobs.models import FineTuningJob, JobCheckpoint, JobStatus
 from apps.jobs.serialization import fine_tuned_model_name
 from apps.jobs.services import job_create
-from apps.tenancy.models import ApiKey
+from apps.tenancy.models import ApiKey, Membership, Role
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -145,6 +148,70 @@ def test_a_key_limited_to_some_endpoints_gets_404_for_the_others(tenant_a):
     assert api.get(f"/v1/endpoints/{second}").status_code == 404
     response = api.post("/v1/completions", {"model": "two", "prompt": "hi"}, format="json")
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def _signed_in(user) -> APIClient:
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+def test_owners_limit_keys_to_endpoints_through_the_api_and_nothing_else_changes_on_a_refusal(tenant_a, tenant_b):
+    job = _succeeded_job(tenant_a.tenant)
+    owner = _signed_in(tenant_a.owner)
+    first = _deploy(owner, name="one", model=job.public_id).json()["id"]
+    second = _deploy(owner, name="two", model=job.public_id).json()["id"]
+    limited = ApiKey.objects.for_tenant(tenant_a.tenant).get()
+    other_key = ApiKey.objects.for_tenant(tenant_b.tenant).get()
+
+    # Another tenant's key, an unknown one or a malformed list: not found / invalid, and the endpoint is unchanged.
+    for key_ids, status, code in (
+        ([other_key.public_id], 404, "not_found"),
+        (["key-nope"], 404, "not_found"),
+        ("all", 400, "invalid_request_error"),
+    ):
+        response = owner.post(f"/v1/endpoints/{first}", {"api_keys": key_ids, "name": "renamed"}, format="json")
+        error = response.json()["error"]
+        assert response.status_code == status and error["param"] == "api_keys", response.json()
+        assert code in (error["code"], error["type"])
+    assert owner.get(f"/v1/endpoints/{first}").json()["name"] == "one"
+
+    scoped = owner.post(f"/v1/endpoints/{first}", {"api_keys": [limited.public_id]}, format="json")
+    assert scoped.status_code == 200 and scoped.json()["api_keys"] == [limited.public_id]
+    key = tenant_a.api()
+    assert [e["id"] for e in key.get("/v1/endpoints").json()["data"]] == [first]
+    assert key.get(f"/v1/endpoints/{second}").status_code == 404
+    Endpoint.objects.update(status="ready")  # as serving would report; the limited key lists only its endpoint
+    assert [m["id"] for m in key.get("/v1/models").json()["data"] if m.get("endpoint")] == ["one"]
+
+    # The limited key (member rights) cannot widen its own reach, nor can a member; nothing changes.
+    widened = key.post(f"/v1/endpoints/{first}", {"api_keys": []}, format="json")
+    assert widened.status_code == 403 and widened.json()["error"]["code"] == "permission_denied"
+    member = get_user_model().objects.create_user("member@acme.test", "member@acme.test", "pw")
+    Membership.objects.create(tenant=tenant_a.tenant, user=member, role=Role.MEMBER)
+    assert _signed_in(member).post(f"/v1/endpoints/{first}", {"api_keys": []}, format="json").status_code == 403
+    assert key.get(f"/v1/endpoints/{second}").status_code == 404
+
+    # A revoked key cannot be named; clearing the list gives the key every endpoint again.
+    assert owner.post(f"/v1/endpoints/{first}", {"api_keys": []}, format="json").json()["api_keys"] == []
+    assert key.get(f"/v1/endpoints/{second}").status_code == 200
+    ApiKey.objects.filter(pk=limited.pk).update(revoked_at=timezone.now())
+    revoked = owner.post(f"/v1/endpoints/{second}", {"api_keys": [limited.public_id]}, format="json")
+    assert revoked.status_code == 404 and revoked.json()["error"]["param"] == "api_keys"
+
+
+def test_the_endpoint_page_shows_which_keys_are_limited_to_it(tenant_a):
+    job = _succeeded_job(tenant_a.tenant)
+    owner = _signed_in(tenant_a.owner)
+    endpoint_id = _deploy(owner, name="one", model=job.public_id).json()["id"]
+    key = ApiKey.objects.for_tenant(tenant_a.tenant).get()
+    owner.post(f"/v1/endpoints/{endpoint_id}", {"api_keys": [key.public_id]}, format="json")
+    page = owner.get(f"/endpoints/{endpoint_id}/").content.decode()
+    assert f'value="{key.public_id}" checked' in page and 'id="keys-submit"' in page
+    member = get_user_model().objects.create_user("member@acme.test", "member@acme.test", "pw")
+    Membership.objects.create(tenant=tenant_a.tenant, user=member, role=Role.MEMBER)
+    read_only = _signed_in(member).get(f"/endpoints/{endpoint_id}/").content.decode()
+    assert "Only owners and admins can change this." in read_only and 'id="keys-submit"' not in read_only
 
 
 def test_inference_bounds_are_checked_and_metered_before_serving(tenant_a):

@@ -310,6 +310,28 @@
       }
     });
 
+    const keysForm = el("keys-form");
+    if (keysForm && el("keys-submit")) {
+      keysForm.addEventListener("submit", async (submitEvent) => {
+        submitEvent.preventDefault();
+        const status = el("keys-status");
+        el("keys-submit").disabled = true;
+        status.className = "";
+        try {
+          const chosen = [...keysForm.querySelectorAll('input[name="api_keys"]:checked')].map((box) => box.value);
+          const endpoint = await apiRequest("POST", endpointPath(page.id), { api_keys: chosen });
+          status.textContent = endpoint.api_keys.length
+            ? `Saved: ${endpoint.api_keys.length} key(s) limited to this endpoint.`
+            : "Saved: no key is limited to this endpoint.";
+        } catch (error) {
+          status.textContent = error.message;
+          status.className = "error";
+        } finally {
+          el("keys-submit").disabled = false;
+        }
+      });
+    }
+
     initUsage(page);
     initCopyButtons();
     TunehousePlayground.initPlayground(page);
