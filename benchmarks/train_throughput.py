@@ -147,7 +147,6 @@ def _training_config(spec: dict[str, Any]):
 def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from workers.ml import packed_gpt2
     from workers.ml.data import training_sets
     from workers.ml.engine import run_training
 
@@ -205,7 +204,7 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": recorder.start.get("vocab_size"),
         "train_rows": recorder.start.get("train_rows"),
         "threads": recorder.threads,
-        "attention_kernel": spec.get("kernel") or packed_gpt2.choose_kernel(torch.device(spec["device"])),
+        "attention_kernel": spec["kernel"],
     }
 
 

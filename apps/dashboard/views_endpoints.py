@@ -12,7 +12,7 @@ from django.shortcuts import render
 
 from apps.dashboard.access import require_tenant, tenant_object_or_404
 from apps.jobs.selectors import fine_tuned_models
-from apps.tenancy.selectors import api_keys_for_tenant
+from apps.tenancy.selectors import active_api_keys_for_tenant
 
 # The deploy and redeploy forms offer the newest succeeded jobs; an older one is still deployable through the API.
 DEPLOYABLE_JOBS_SHOWN = 100
@@ -131,7 +131,7 @@ def endpoint_detail(request, public_id: str):
         # The tenant's active keys, ticked where limited to this endpoint; only owners and admins may change them.
         "api_keys": [
             {"id": key.public_id, "name": key.name, "prefix": key.prefix, "scoped": key.pk in scoped}
-            for key in api_keys_for_tenant(tenant=endpoint.tenant).filter(revoked_at__isnull=True)
+            for key in active_api_keys_for_tenant(tenant=endpoint.tenant)
         ],
         "can_manage_keys": require_tenant(request).can_manage,
         "deployable_jobs": _deployable_jobs(endpoint.tenant),

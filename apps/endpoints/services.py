@@ -17,6 +17,7 @@ from apps.core.api.errors import ApiError
 from apps.jobs.models import FineTuningJob, JobCheckpoint, JobStatus
 from apps.jobs.services import file_engine_task
 from apps.tenancy.models import ApiKey, Tenant
+from apps.tenancy.selectors import active_api_keys_for_tenant
 
 from .models import Endpoint, EndpointRequest, EndpointStatus, EndpointTask
 from .registry import instance_reports, registry_publish, registry_remove
@@ -322,9 +323,9 @@ def endpoint_set_api_keys(*, tenant: Tenant, endpoint: Endpoint, key_ids) -> End
         or not all(isinstance(key_id, str) and key_id for key_id in key_ids)
     ):
         raise ApiError(f"api_keys must be a list of at most {MAX_SCOPED_KEYS} API key ids.", param="api_keys")
-    keys = {key.public_id: key for key in ApiKey.objects.for_tenant(tenant).filter(public_id__in=key_ids)}
+    keys = {key.public_id: key for key in active_api_keys_for_tenant(tenant=tenant).filter(public_id__in=key_ids)}
     for key_id in key_ids:
-        if key_id not in keys or not keys[key_id].is_active:
+        if key_id not in keys:
             raise _not_found("API key", key_id, "api_keys")
     endpoint.api_keys.set(list(keys.values()))
     return endpoint

@@ -24,6 +24,11 @@ def api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
     return ApiKey.objects.for_tenant(tenant).select_related("created_by")
 
 
+def active_api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
+    """The tenant's keys that still authenticate (not revoked)."""
+    return api_keys_for_tenant(tenant=tenant).filter(revoked_at=None)
+
+
 def memberships_for_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
     """The team's members, owners first, for the settings page."""
     ordering = Case(*(When(role=role, then=Value(rank)) for rank, role in enumerate(Role.values)), default=Value(99))
