@@ -228,9 +228,14 @@ def test_cancelling_a_study_cancels_its_running_trial_and_starts_no_other(celery
     assert [trial["state"] for trial in body["trials"]] == ["cancelled"] and body["status"] == "cancelled"
 
 
-def test_a_spent_gpu_time_budget_cancels_the_running_trials_and_ends_the_study(tenant_a):
+def test_a_spent_gpu_time_budget_cancels_the_running_trials_and_ends_the_study(tenant_a, advances):
     """No workers: the study is advanced in this process, and its trial's job is given a start time ten seconds
-    ago (as if it had trained that long) against a one-second budget."""
+    ago (as if it had trained that long) against a one-second budget.
+
+    The session's real workers may still be running from earlier tests: a running-job limit of 0 keeps the trial's
+    job out of the broker (so no worker trains it to completion first), and `advances` keeps study advances here."""
+    tenant_a.tenant.max_running_jobs = 0
+    tenant_a.tenant.save(update_fields=["max_running_jobs"])
     client = tenant_a.api()
     study = _create_study(
         client,
