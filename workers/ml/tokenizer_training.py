@@ -9,6 +9,8 @@ generation) never has to special-case the algorithm.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -39,6 +41,14 @@ _TRAINING_BATCH_TEXTS = 1_000
 WORDPIECE_SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 UNIGRAM_SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")
 _WORDPIECE_UNKNOWN, _UNIGRAM_UNKNOWN = WORDPIECE_SPECIAL_TOKENS[0], UNIGRAM_SPECIAL_TOKENS[0]
+_CONTINUATION = "##"
+# A frequent word goes to the WordPiece trainer as several texts of at most this many copies (bounded memory).
+_REPEATS_PER_TEXT = 1_000
+# Unigram log probabilities keep this many decimals: far finer than training can resolve, far coarser than the
+# last-digit noise of the trainer's summation order.
+_UNIGRAM_SCORE_DECIMALS = 10
+# The Unigram trainer's score step between the characters it adds after training (see _ladder_in_character_order).
+_UNIGRAM_LADDER_STEP = 0.0001
 # Which special token plays which role, per algorithm: pad and eos are always set so collators and templates can rely
 # on them. Byte-level BPE has no unknown token (every byte is in its alphabet); BERT has no bos/eos of its own, so
 # [CLS]/[SEP], which open and close its sequences, stand in.
@@ -160,20 +170,7 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
             show_progress=False,
         )
     elif spec.algorithm == "wordpiece":
-        tokenizer = Tokenizer(models.WordPiece(unk_token=_WORDPIECE_UNKNOWN))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=spec.vocab_size,
-            special_tokens=list(special_tokens),
-            min_frequency=spec.min_frequency,
-            # WordPiece keeps every character twice (``c`` and ``##c``) whatever vocab_size says; capping the
-            # alphabet (most frequent characters win, the rest become [UNK]) is what keeps the vocabulary bound.
-            limit_alphabet=(spec.vocab_size - len(special_tokens)) // 2,
-            continuing_subword_prefix="##",
-            show_progress=False,
-        )
+        tokenizer = _train_wordpiece(counter, spec, special_tokens)
     else:
         tokenizer = Tokenizer(models.Unigram())
         if spec.lowercase:
@@ -188,7 +185,8 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
         )
 
     try:
-        tokenizer.train_from_iterator(_batched(counter, _TRAINING_BATCH_TEXTS), trainer=trainer)
+        if spec.algorithm != "wordpiece":  # trained above, on its own word counts
+            tokenizer.train_from_iterator(_batched(counter, _TRAINING_BATCH_TEXTS), trainer=trainer)
     except Exception as error:
         # The Rust trainer only raises a bare Exception; this one is the user's to fix, anything else is ours.
         if "not large enough to contain all chars" in str(error):
@@ -202,6 +200,8 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
     if counter.non_empty == 0:
         raise TrainingDataError(EMPTY_TRAINING_DATA, "There is no text to train the tokenizer on.", "texts")
 
+    if spec.algorithm == "unigram":
+        tokenizer = _canonical_unigram(tokenizer, special_tokens)
     if spec.algorithm == "wordpiece":
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -215,6 +215,121 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> PreTrainedToke
         extra_special_tokens=user_special_tokens,
         # BERT's clean-up glues "do n't" back together; it also edits user text, which round trips must not.
         clean_up_tokenization_spaces=False,
+    )
+
+
+def _train_wordpiece(texts: Iterable[str], spec: TokenizerSpec, special_tokens: Sequence[str]) -> Tokenizer:
+    """A BERT-style WordPiece tokenizer trained on ``texts``, the same vocabulary from the same texts in every process.
+
+    The Rust trainer alone is not reproducible: it numbers continuation pieces (``##e``) in the order it meets them
+    while iterating a hash map of words, whose order changes from one process to the next, and it breaks ties between
+    equally frequent merges by those numbers, so two runs on the same data could learn different vocabularies (and a
+    from-scratch BERT, different loss curves). Here the words are counted first, the alphabet is chosen by frequency
+    with ties broken by character, and every continuation piece is given to the trainer up front, in sorted order, so
+    every number it uses is fixed before its hash map is iterated; the words then go to the trainer with their
+    counts.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+
+    # WordPiece keeps every character twice (``c`` and ``##c``) whatever vocab_size says; capping the alphabet (most
+    # frequent characters win, the rest become [UNK]) is what keeps the vocabulary bound.
+    alphabet_limit = (spec.vocab_size - len(special_tokens)) // 2
+    character_counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for character in word:
+            character_counts[character] += count
+    ranked = sorted(character_counts.items(), key=lambda item: (-item[1], item[0]))
+    alphabet = {character for character, _ in ranked[:alphabet_limit]}
+    kept_words: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        kept = "".join(character for character in word if character in alphabet)
+        if kept:
+            kept_words[kept] += count
+    continuations = sorted({_CONTINUATION + character for word in kept_words for character in word[1:]})
+
+    scratch = Tokenizer(models.WordPiece(unk_token=_WORDPIECE_UNKNOWN))
+    scratch.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words are already split, and hold no whitespace
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=[*special_tokens, *continuations],
+        min_frequency=spec.min_frequency,
+        continuing_subword_prefix=_CONTINUATION,
+        show_progress=False,
+    )
+    scratch.train_from_iterator(_batched(_repeated_words(kept_words), _TRAINING_BATCH_TEXTS), trainer=trainer)
+
+    # The continuation pieces were handed over as special tokens only to fix their numbers: the tokenizer is rebuilt
+    # from the trained vocabulary so they are ordinary pieces again, and only the real special tokens are special.
+    tokenizer = Tokenizer(
+        models.WordPiece(
+            vocab=scratch.get_vocab(), unk_token=_WORDPIECE_UNKNOWN, continuing_subword_prefix=_CONTINUATION
+        )
+    )
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix=_CONTINUATION)
+    tokenizer.add_special_tokens(list(special_tokens))
+    return tokenizer
+
+
+def _repeated_words(word_counts: Counter[str]) -> Iterator[str]:
+    """Texts that hold each word as often as it was counted, in a fixed order, in strings of bounded length."""
+    for word, count in sorted(word_counts.items()):
+        while count > 0:
+            repeats = min(count, _REPEATS_PER_TEXT)
+            yield " ".join([word] * repeats)
+            count -= repeats
+
+
+def _canonical_unigram(tokenizer: Tokenizer, special_tokens: Sequence[str]) -> Tokenizer:
+    """The trained Unigram tokenizer, the same file from the same texts in every process.
+
+    The Unigram trainer sums log probabilities in a hash map's order, so their last digits change from one process to
+    the next, and it lists equally probable pieces in that order too, so their ids change: a from-scratch model would
+    then see other ids for the same text. The scores are rounded and the pieces after the special tokens (whose ids
+    stay 0, 1, ...) are listed by score, ties by the piece itself.
+    """
+    serialized = json.loads(tokenizer.to_str())
+    pieces = serialized["model"]["vocab"]
+    specials = len(special_tokens)
+    if [piece for piece, _ in pieces[:specials]] != list(special_tokens):
+        raise RuntimeError("the Unigram trainer did not list the special tokens first")
+    scored = _ladder_in_character_order(
+        [(piece, round(score, _UNIGRAM_SCORE_DECIMALS)) for piece, score in pieces[specials:]]
+    )
+    rest = sorted(scored, key=lambda item: (-item[1], item[0]))
+    serialized["model"]["vocab"] = [*pieces[:specials], *map(list, rest)]
+    return Tokenizer.from_str(json.dumps(serialized))
+
+
+def _ladder_in_character_order(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The pieces with the trainer's penalty ladder handed out in character order.
+
+    Characters of the text that the trained model has no piece for are added at the end, each 0.0001 below the
+    previous one, starting at the lowest score, in the order of a hash set: which character gets which rung (and so
+    which id) changes from one process to the next. The ladder is found from the bottom (single characters whose
+    scores step by 0.0001; pieces of several characters may score between its rungs) and its rungs are given to its
+    characters in sorted order.
+    """
+    characters_ascending = sorted(
+        (index for index, (piece, _) in enumerate(pieces) if len(piece) == 1), key=lambda index: pieces[index][1]
+    )
+    ladder = characters_ascending[:1]
+    for index in characters_ascending[1:]:
+        if abs(pieces[index][1] - pieces[ladder[-1]][1] - _UNIGRAM_LADDER_STEP) > 1e-7:
+            break
+        ladder.append(index)
+    if len(ladder) < 2:
+        return pieces
+    rungs = sorted((pieces[index][1] for index in ladder), reverse=True)
+    characters = sorted(pieces[index][0] for index in ladder)
+    on_ladder = set(ladder)
+    return [piece for index, piece in enumerate(pieces) if index not in on_ladder] + list(
+        zip(characters, rungs, strict=True)
     )
 
 

@@ -5,7 +5,6 @@ offline models (LoRA on SmolLM2, full fine-tuning of MiniLM) in the slow tests. 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -57,7 +56,6 @@ from workers.ml.data.training_sets import (
 from workers.ml.engine import REPORT_FILENAME, _prepare, run_training
 from workers.ml.errors import TrainingDataError
 from workers.ml.model_cache import prepare_offline_model
-from workers.ml.tokenizer_training import TokenizerSpec, train_tokenizer
 from workers.ml.train import main as train_main
 
 _LABELS = ["negative", "neutral", "positive"]
@@ -71,26 +69,8 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return write_sample_datasets(str(tmp_path_factory.mktemp("samples")))
 
 
-@pytest.fixture(scope="module")
-def wordpiece_tokenizer(samples: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A WordPiece tokenizer trained once on sentiment.csv. Runs that must be compared with each other use it:
-    tokenizers 0.23's WordPiece trainer breaks frequency ties in a different order on every call, so two bert runs
-    that each train their own tokenizer do not get the same vocabulary (resume stays exact: it reloads the
-    checkpoint's tokenizer)."""
-    with open(samples["sentiment.csv"], encoding="utf-8", newline="") as handle:
-        texts = [row["text"] for row in csv.DictReader(handle)]
-    folder = tmp_path_factory.mktemp("wordpiece")
-    train_tokenizer(iter(texts), TokenizerSpec(algorithm="wordpiece", vocab_size=512, min_frequency=1)).save_pretrained(
-        folder
-    )
-    return str(folder)
-
-
-def _bert(wordpiece_tokenizer: str | None = None) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"task": "classification", "architecture": "bert"}
-    if wordpiece_tokenizer is not None:
-        overrides["tokenizer"] = wordpiece_tokenizer
-    return overrides
+def _bert() -> dict[str, Any]:
+    return {"task": "classification", "architecture": "bert"}
 
 
 # --- Every architecture x task, end to end ---------------------------------------------------------------------------
@@ -327,6 +307,26 @@ def test_the_init_scheme_shapes_the_exported_weights(init_runs: dict[str, Run], 
 # --- Determinism -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("filename", "overrides"),
+    [
+        ("sentiment.csv", _bert()),
+        ("translation.tsv", {"task": "seq2seq", "architecture": "t5", "generation_max_new_tokens": 4}),
+    ],
+    ids=["bert-wordpiece", "t5-unigram"],
+)
+def test_from_scratch_runs_that_train_their_own_tokenizer_repeat_exactly(
+    samples: dict[str, str], tmp_path: Path, filename: str, overrides: dict[str, Any]
+) -> None:
+    """Each run trains its tokenizer on the data (WordPiece for bert, Unigram for t5) and builds its embeddings from
+    it: the same seed must give the same vocabulary, hence the same losses (the Rust trainers alone did not)."""
+    runs = [train(samples[filename], tmp_path / f"model-{index}", max_steps=4, **overrides) for index in range(2)]
+    vocabularies = [(Path(run.config.output_dir) / "tokenizer.json").read_text() for run in runs]
+    assert vocabularies[0] == vocabularies[1]
+    assert len(runs[0].recorder.losses) == 4
+    assert runs[0].recorder.losses == runs[1].recorder.losses
+
+
 def test_the_same_seed_gives_the_same_losses_and_another_seed_other_ones(
     samples: dict[str, str], tmp_path: Path
 ) -> None:
@@ -384,7 +384,7 @@ RESUME_CASES = ("gpt2-chat-packed-accumulated", "bert-classification-dropout")
 
 @pytest.fixture(scope="module")
 def resume_scenario(
-    samples: dict[str, str], wordpiece_tokenizer: str, tmp_path_factory: pytest.TempPathFactory
+    samples: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], ResumeScenario]:
     done: dict[str, ResumeScenario] = {}
 
@@ -399,7 +399,7 @@ def resume_scenario(
                     )
             else:
                 # bert has dropout: the resumed run must draw the very masks the uninterrupted one drew.
-                done[case] = _resume_scenario(samples["sentiment.csv"], folder, **_bert(wordpiece_tokenizer))
+                done[case] = _resume_scenario(samples["sentiment.csv"], folder, **_bert())
         return done[case]
 
     return get

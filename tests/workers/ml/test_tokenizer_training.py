@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -294,3 +297,35 @@ def test_train_byte_level_bpe_is_unchanged(corpus):
     assert tokenizer.eos_token == tokenizer.pad_token == tokenizer.bos_token == END_OF_TEXT
     assert len(tokenizer) == 300
     assert tokenizer.decode(tokenizer("A quiet child.\n")["input_ids"]) == "A quiet child.\n"
+
+
+_TRAIN_IN_A_NEW_PROCESS = """
+import sys
+from tests.workers.ml.test_tokenizer_training import varied_corpus
+from workers.ml.tokenizer_training import TokenizerSpec, train_tokenizer
+
+texts = varied_corpus() + ["Café naïve façade — déjà vu? 東京 日本語 🙂 " + line for line in varied_corpus(60, 5)]
+spec = TokenizerSpec(algorithm=sys.argv[1], vocab_size=int(sys.argv[2]), special_tokens=("<|user|>",))
+sys.stdout.write(train_tokenizer(iter(texts), spec).backend_tokenizer.to_str())
+"""
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "vocab_size"), [("bpe", 600), ("wordpiece", 600), ("wordpiece", 90), ("unigram", 600)]
+)
+def test_the_same_texts_train_the_same_tokenizer_in_every_process(algorithm, vocab_size):
+    """A from-scratch model trained twice on the same data must see the same ids. The Rust trainers iterate hash maps
+    whose order changes with every process (WordPiece numbered its continuation pieces, and so broke ties between
+    merges, in that order; Unigram listed equally probable pieces in it), so this trains in three fresh processes and
+    compares the whole tokenizer file. The small WordPiece vocabulary also caps the alphabet."""
+    files = {
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN_IN_A_NEW_PROCESS, algorithm, str(vocab_size)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[3],
+        ).stdout
+        for _ in range(3)
+    }
+    assert len(files) == 1
