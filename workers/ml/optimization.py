@@ -60,9 +60,11 @@ def build_optimizer(
         raise ValueError("The model has no trainable parameters to optimize.")
 
     if name == "adamw":
-        # The fused CUDA kernel updates every parameter in a single launch instead of one (or a few, with foreach)
-        # per tensor: noticeably faster for the many small LoRA tensors. Elsewhere PyTorch's default is kept.
-        fused = True if torch.device(device).type == "cuda" else None
+        # The fused kernels update every parameter in one pass instead of several elementwise ops per tensor: on
+        # CUDA one launch instead of many (noticeably faster for the many small LoRA tensors); on a CPU a step of
+        # GPT-2 mini's 5.3M parameters takes 4 ms instead of 21 (a few percent of a training step). Elsewhere
+        # PyTorch's default is kept.
+        fused = True if torch.device(device).type in ("cuda", "cpu") else None
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=False)

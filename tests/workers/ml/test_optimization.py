@@ -171,7 +171,29 @@ def test_adamw_decays_only_matrices_and_skips_frozen_parameters() -> None:
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     assert decay["lr"] == no_decay["lr"] == 3e-4
     assert decay["betas"] == (0.8, 0.9)
-    assert not decay["fused"]
+    assert decay["fused"] is True  # the fused CPU kernel: one pass per tensor instead of several elementwise ops
+
+
+def test_fused_adamw_on_the_cpu_updates_like_the_reference_implementation() -> None:
+    models = [toy_model(), toy_model()]  # the same initial weights
+    fused = build_optimizer(models[0], name="adamw", learning_rate=1e-2, weight_decay=0.1, device=CPU)
+    twin = dict(zip(models[0].parameters(), models[1].parameters(), strict=True))
+    reference = torch.optim.AdamW(
+        [
+            {"params": [twin[parameter] for parameter in group["params"]], "weight_decay": group["weight_decay"]}
+            for group in fused.param_groups
+        ],
+        lr=1e-2,
+        foreach=False,
+    )
+    inputs = torch.randint(0, 10, (4, 6))
+    for _ in range(5):
+        for model, optimizer in zip(models, (fused, reference), strict=True):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+    for trained, expected in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
