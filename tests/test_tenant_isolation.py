@@ -550,6 +550,44 @@ def probe_api_keys(w):
     assert w["a_key"].revoked_at is None
 
 
+def probe_api_key_list(w):
+    for client in (w["api_b"], w["browser_b"]):
+        response = client.get("/v1/api_keys")
+        assert response.status_code == 200 and response.json()["data"]
+        assert all(key["id"] != w["a_key"].public_id for key in response.json()["data"])
+        _assert_no_leak(response, w)
+    created = w["browser_b"].post("/v1/api_keys", {"name": "b's key"}, content_type="application/json")
+    assert created.status_code == 201
+    assert ApiKey.objects.for_tenant(w["b"].tenant).filter(public_id=created.json()["id"]).exists()
+
+
+def probe_api_key_detail(w):
+    path = f"/v1/api_keys/{w['a_key'].public_id}"
+    for client in (w["api_b"], w["browser_b"]):
+        _assert_not_found(client.get(path))
+        _assert_not_found(client.post(path, {"tokens_per_day": 1}, content_type="application/json"))
+        _assert_not_found(client.delete(path))
+    w["a_key"].refresh_from_db()
+    assert w["a_key"].revoked_at is None and w["a_key"].tokens_per_day is None
+
+
+def probe_organization_limits(w):
+    # Staff only: to a tenant's members (and their keys), its own organization included, the route does not exist
+    # (the 404 echoes the path asked for, so A's slug, and nothing else of A's).
+    for slug in (w["a"].tenant.slug, w["b"].tenant.slug):
+        for client in (w["api_b"], w["browser_b"], Client()):
+            path = f"/v1/organizations/{slug}/limits"
+            for response in (
+                client.get(path),
+                client.post(path, {"tokens_per_day": 1}, content_type="application/json"),
+            ):
+                _assert_not_found(response)
+                assert response.json()["error"]["code"] == "unknown_url"
+                _assert_no_leak(response, w)
+    w["a"].tenant.refresh_from_db()
+    assert w["a"].tenant.tokens_per_day is None
+
+
 async def _ws_output(path: str, api_key: str):
     communicator = WebsocketCommunicator(
         application,
@@ -1037,6 +1075,9 @@ HTTP_PROBES = {
     "api:review-list": probe_review_list,
     "api:review-detail": probe_review_detail,
     "api:review-decisions": probe_review_decisions,
+    "api:api-key-list": probe_api_key_list,
+    "api:api-key-detail": probe_api_key_detail,
+    "api:organization-limits": probe_organization_limits,
 }
 WEBSOCKET_PROBES = {"ws-job-events": probe_ws_job_events, "ws-tenant-events": probe_ws_tenant_events}
 

@@ -17,10 +17,11 @@ from apps.core.csv_export import csv_text
 from apps.dashboard.access import require_tenant, tenant_object_or_404
 from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenizer_list
 from apps.datasets.services import PREVIEW_MAX_EXAMPLES
+from apps.endpoints.limits import tenant_inference_limits
 from apps.tenancy.context import SESSION_TENANT_KEY
-from apps.tenancy.models import ApiKey
+from apps.tenancy.models import INFERENCE_LIMIT_FIELDS, ApiKey
 from apps.tenancy.selectors import api_keys_for_tenant, membership_get
-from apps.tenancy.services import api_key_create, api_key_revoke, user_sign_up
+from apps.tenancy.services import api_key_create, api_key_revoke, api_key_update, user_sign_up
 from workers.ml.data.templates import CHAT_TEMPLATES
 from workers.ml.tokenizer_training import TOKENIZER_ALGORITHMS
 
@@ -82,8 +83,22 @@ def api_keys(request):
                 raise Http404("No such key.") from None
             messages.success(request, "Key revoked.")
             return redirect("dashboard:api-keys")
+        # Empty inputs are sent as "" and mean "no cap of the key's own".
+        limits = {name: request.POST.get(name, "") for name in INFERENCE_LIMIT_FIELDS}
+        if request.POST.get("action") == "limits":
+            try:
+                api_key_update(tenant=context.tenant, public_id=request.POST.get("key_id", ""), limits=limits)
+            except ApiKey.DoesNotExist:
+                raise Http404("No such key.") from None
+            except ValidationError as exc:
+                messages.error(request, " ".join(exc.messages))
+            else:
+                messages.success(request, "Key limits saved.")
+            return redirect("dashboard:api-keys")
         try:
-            created = api_key_create(tenant=context.tenant, user=request.user, name=request.POST.get("name", ""))
+            created = api_key_create(
+                tenant=context.tenant, user=request.user, name=request.POST.get("name", ""), limits=limits
+            )
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
         else:
@@ -91,7 +106,11 @@ def api_keys(request):
     return render(
         request,
         "dashboard/api_keys.html",
-        {"api_keys": api_keys_for_tenant(tenant=context.tenant), "new_secret": new_secret},
+        {
+            "api_keys": api_keys_for_tenant(tenant=context.tenant),
+            "new_secret": new_secret,
+            "team_limits": tenant_inference_limits(context.tenant),
+        },
     )
 
 

@@ -17,6 +17,7 @@ from apps.dashboard.access import require_tenant
 from apps.dashboard.views_audits import audit_policy_card
 from apps.datasets.models import FileStatus
 from apps.datasets.selectors import file_list
+from apps.endpoints.limits import tenant_inference_limits
 from apps.jobs.models import FineTuningJob, JobStatus
 from apps.jobs.selectors import job_list
 from apps.tenancy.models import Membership, Role
@@ -186,6 +187,7 @@ def settings_render(request, context, *, audit_policy_form: dict | None = None, 
             "can_manage": context.can_manage,
             "is_owner": context.role == Role.OWNER,
             "limits": tenant_limits(tenant=context.tenant),
+            "inference_limits": tenant_inference_limits(context.tenant),
             "usage": tenant_usage(tenant=context.tenant, with_all_time=True),
             **audit_policy_card(context, form=audit_policy_form),
         },

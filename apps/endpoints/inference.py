@@ -21,6 +21,10 @@ from .registry import model_context_length
 
 MAX_STOP_SEQUENCES = 4
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Tokens a chat template may add around each message (role markers, separators) and around the whole prompt
+# (BOS, the assistant's turn): generous next to ChatML's handful, so the prompt bound stays an upper bound.
+CHAT_TEMPLATE_TOKENS_PER_MESSAGE = 16
+PROMPT_SPECIAL_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,24 @@ class GenerationRequest:
     payload: dict  # the serving contract's /v1/generate body
     stream: bool
     include_usage: bool
+    # This process holds no tokenizer, so the prompt's tokens are bounded, not counted: see prompt_token_bound.
+    prompt_token_bound: int = 0
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most tokens this request can be metered for: the prompt (counted once) plus every choice's
+        completion; what admission reserves against the token quotas."""
+        return self.prompt_token_bound + self.payload["max_tokens"] * self.payload["n"]
+
+
+def prompt_token_bound(texts: list[str], *, context_length: int, max_tokens: int, messages: int = 0) -> int:
+    """An upper bound on the prompt's tokens without tokenizing: byte-level BPE (and byte-fallback) tokenizers never
+    make more tokens than the text has UTF-8 bytes, plus what a chat template and special tokens add. Serving refuses
+    a prompt that leaves no room for max_tokens in the model's context, so context - max_tokens bounds it as well
+    (the usual case for long prompts, where bytes overestimate about fourfold)."""
+    by_bytes = sum(len(text.encode()) for text in texts) + PROMPT_SPECIAL_TOKENS
+    by_bytes += CHAT_TEMPLATE_TOKENS_PER_MESSAGE * messages
+    return max(1, min(by_bytes, context_length - max_tokens))
 
 
 def _number(body: dict, name: str, default, *, low: float, high: float, whole: bool = False):
@@ -132,7 +154,8 @@ def parse_generation_request(body: dict, *, endpoint: Endpoint, chat: bool) -> G
             code="context_length_exceeded",
             param="messages" if chat else "prompt",
         )
-    max_tokens_limit = min(settings.INFERENCE_MAX_TOKENS, model_context_length(endpoint))
+    context_length = model_context_length(endpoint)
+    max_tokens_limit = min(settings.INFERENCE_MAX_TOKENS, context_length)
     max_tokens_name = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -165,7 +188,15 @@ def parse_generation_request(body: dict, *, endpoint: Endpoint, chat: bool) -> G
         "seed": seed,
         "stream": stream,
     }
-    return GenerationRequest(payload=payload, stream=stream, include_usage=bool(stream_options.get("include_usage")))
+    texts = [message["content"] for message in messages] if chat else [prompt]
+    return GenerationRequest(
+        payload=payload,
+        stream=stream,
+        include_usage=bool(stream_options.get("include_usage")),
+        prompt_token_bound=prompt_token_bound(
+            texts, context_length=context_length, max_tokens=max_tokens, messages=len(messages) if chat else 0
+        ),
+    )
 
 
 def parse_predict_inputs(body: dict, *, endpoint: Endpoint) -> list[str]:
@@ -183,6 +214,13 @@ def parse_predict_inputs(body: dict, *, endpoint: Endpoint) -> list[str]:
             param="input",
         )
     return inputs
+
+
+def predict_token_bound(inputs: list[str], *, endpoint: Endpoint) -> int:
+    """An upper bound on a classification's tokens: each input's bytes plus its special tokens, at most the model's
+    context (serving truncates each input to it)."""
+    context_length = model_context_length(endpoint)
+    return sum(min(len(text.encode()) + PROMPT_SPECIAL_TOKENS, context_length) for text in inputs)
 
 
 # --- Serving client ------------------------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""Request and token limits for inference, counted in Redis fixed windows shared by every web process.
+"""Request rate limits and token quotas for inference, counted in Redis fixed windows shared by every web process.
 
-Per API key and per tenant: requests per minute. Per tenant: tokens per minute and per day. A request is admitted
-when none of its request windows is full and its tenant's token windows still have room; the tokens it used are
-charged after it answers (a request cannot know its completion length before it runs). Settings hold the defaults,
-INFERENCE_TENANT_LIMITS overrides them per tenant slug.
+Windows: per tenant, requests per minute, tokens per minute and tokens per UTC day; per API key, requests per minute
+(the key's own cap, else the platform's per-key default) and, where the key has its own caps, tokens per minute and
+per day. A key's caps only ever narrow what the tenant allows: both sets of windows are checked.
+
+Tokens are reserved, then settled. At admission one Lua script checks every window involved and, only if all of
+them have room, adds the request (1) and its worst case in tokens (the prompt's upper bound plus max_tokens × n) to
+each of them: concurrent requests cannot all pass a check that none of them has charged yet. After the answer the
+unused part is given back (`inference_settle`), so a later request fits.
+
+Where a limit comes from, first found wins: the tenant's (or key's) row in the database, then the tenant's entry in
+INFERENCE_TENANT_LIMITS (by slug; kept for deployments configured that way), then the INFERENCE_* defaults.
 """
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 
@@ -17,104 +24,234 @@ from apps.tenancy.models import ApiKey, Tenant
 
 from .registry import redis_client
 
-# INCR then EXPIRE only on the window's first hit, in one atomic step: a crash between the two cannot leave a
-# counter that never expires. Returns the count after this hit and the seconds left in the window.
-_HIT_SCRIPT = """
-local count = redis.call('INCRBY', KEYS[1], ARGV[1])
-if count == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-local ttl = redis.call('TTL', KEYS[1])
-return {count, ttl}
+MINUTE, DAY = 60, 86_400
+
+# KEYS: the windows' counters. ARGV: for each window three values: the amount to add, its limit, its TTL. Either
+# every window takes its amount or none does (a refused request charges nothing, not even its request count).
+# Returns {admitted (1/0), counts (after when admitted, before when refused), the 1-based indexes of full windows}.
+_RESERVE_SCRIPT = """
+local counts, full = {}, {}
+for i, key in ipairs(KEYS) do
+  local current = tonumber(redis.call('GET', key) or '0')
+  counts[i] = current
+  if current + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) then table.insert(full, i) end
+end
+if #full > 0 then return {0, counts, full} end
+for i, key in ipairs(KEYS) do
+  counts[i] = redis.call('INCRBY', key, ARGV[3 * i - 2])
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[3 * i]) end
+end
+return {1, counts, full}
+"""
+
+# KEYS: the token windows a reservation was taken in. ARGV[1]: tokens to give back (negative: tokens to add, when
+# the answer used more than the estimate). A window that has expired meanwhile is left alone: recreating it would
+# leave a counter without a TTL. Never below zero.
+_SETTLE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local left = redis.call('DECRBY', key, ARGV[1])
+    if left < 0 then redis.call('INCRBY', key, -left) end
+  end
+end
+return 0
 """
 
 
 @dataclass(frozen=True)
-class InferenceLimits:
-    requests_per_minute_per_key: int
+class TenantInferenceLimits:
+    """A tenant's limits in force, and whether each is its own (database or INFERENCE_TENANT_LIMITS) or the
+    platform default: for the dashboard and the staff API."""
+
     requests_per_minute: int
     tokens_per_minute: int
     tokens_per_day: int
+    requests_per_minute_per_key: int
+    overridden: frozenset[str] = frozenset()
 
 
-def inference_limits(tenant: Tenant) -> InferenceLimits:
-    override = (settings.INFERENCE_TENANT_LIMITS or {}).get(tenant.slug, {})
-    return InferenceLimits(
-        requests_per_minute_per_key=int(
-            override.get("requests_per_minute_per_key", settings.INFERENCE_REQUESTS_PER_MINUTE_PER_KEY)
-        ),
-        requests_per_minute=int(override.get("requests_per_minute", settings.INFERENCE_REQUESTS_PER_MINUTE_PER_TENANT)),
-        tokens_per_minute=int(override.get("tokens_per_minute", settings.INFERENCE_TOKENS_PER_MINUTE_PER_TENANT)),
-        tokens_per_day=int(override.get("tokens_per_day", settings.INFERENCE_TOKENS_PER_DAY_PER_TENANT)),
-    )
+_DEFAULT_SETTINGS = {
+    "requests_per_minute": "INFERENCE_REQUESTS_PER_MINUTE_PER_TENANT",
+    "tokens_per_minute": "INFERENCE_TOKENS_PER_MINUTE_PER_TENANT",
+    "tokens_per_day": "INFERENCE_TOKENS_PER_DAY_PER_TENANT",
+    "requests_per_minute_per_key": "INFERENCE_REQUESTS_PER_MINUTE_PER_KEY",
+}
+
+
+def tenant_inference_limits(tenant: Tenant) -> TenantInferenceLimits:
+    """Read from the tenant row each time (the row is loaded per request), so staff changes apply without a
+    restart."""
+    env_override = (settings.INFERENCE_TENANT_LIMITS or {}).get(tenant.slug, {})
+    values, overridden = {}, set()
+    for name, setting in _DEFAULT_SETTINGS.items():
+        stored = getattr(tenant, name, None)  # the per-key default has no column: it is a platform setting
+        if stored is not None:
+            values[name] = stored
+            overridden.add(name)
+        elif name in env_override:
+            values[name] = int(env_override[name])
+            overridden.add(name)
+        else:
+            values[name] = int(getattr(settings, setting))
+    return TenantInferenceLimits(**values, overridden=frozenset(overridden))
+
+
+@dataclass(frozen=True)
+class LimitWindow:
+    scope: str  # "key" or "tenant": who the limit belongs to, for messages
+    unit: str  # "requests" or "tokens"
+    seconds: int  # MINUTE or DAY
+    limit: int
+
+    @property
+    def per(self) -> str:
+        return "minute" if self.seconds == MINUTE else "day"
+
+    def describe(self) -> str:
+        owner = "this API key" if self.scope == "key" else "your organization"
+        return f"{self.limit} {self.unit} per {self.per} for {owner}"
+
+
+def inference_windows(*, tenant: Tenant, api_key: ApiKey | None) -> list[LimitWindow]:
+    tenant_limits = tenant_inference_limits(tenant)
+    windows = []
+    if api_key is not None:
+        windows.append(
+            LimitWindow(
+                "key", "requests", MINUTE, api_key.requests_per_minute or tenant_limits.requests_per_minute_per_key
+            )
+        )
+        if api_key.tokens_per_minute is not None:
+            windows.append(LimitWindow("key", "tokens", MINUTE, api_key.tokens_per_minute))
+        if api_key.tokens_per_day is not None:
+            windows.append(LimitWindow("key", "tokens", DAY, api_key.tokens_per_day))
+    windows += [
+        LimitWindow("tenant", "requests", MINUTE, tenant_limits.requests_per_minute),
+        LimitWindow("tenant", "tokens", MINUTE, tenant_limits.tokens_per_minute),
+        LimitWindow("tenant", "tokens", DAY, tenant_limits.tokens_per_day),
+    ]
+    return windows
+
+
+def _seconds_left(seconds: int, now: float) -> int:
+    index = int(now // seconds)
+    return max(1, math.ceil((index + 1) * seconds - now))
+
+
+def _redis_key(window: LimitWindow, *, tenant: Tenant, api_key: ApiKey | None, now: float) -> str:
+    # Tenant id in every key: one tenant's traffic never fills another's window. The window's number ends the key,
+    # so a new window starts from zero and the old counter simply expires.
+    owner = f"tenant:{tenant.pk}" if window.scope == "tenant" else f"key:{tenant.pk}:{api_key.pk}"
+    short = {"requests": "rpm", "tokens": "tpm" if window.seconds == MINUTE else "tpd"}[window.unit]
+    return f"ratelimit:{owner}:{short}:{int(now // window.seconds)}"
+
+
+def _duration(seconds: int) -> str:
+    """OpenAI's way of writing a reset time: 45s, 6m0s, 3h2m10s."""
+    hours, rest = divmod(max(0, seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def rate_limit_headers(windows: list[LimitWindow], counts: list[int], *, now: float) -> dict[str, str]:
+    """x-ratelimit-* for the tightest window of each unit: the one with the fewest requests (tokens) left."""
+    headers = {}
+    for unit in ("requests", "tokens"):
+        states = [
+            (max(0, window.limit - count), _seconds_left(window.seconds, now), window)
+            for window, count in zip(windows, counts, strict=True)
+            if window.unit == unit
+        ]
+        if not states:
+            continue
+        remaining, reset, window = min(states, key=lambda state: (state[0], -state[1]))
+        headers[f"x-ratelimit-limit-{unit}"] = str(window.limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{unit}"] = _duration(reset)
+    return headers
 
 
 class RateLimited(ApiError):
     status_code = 429
 
-    def __init__(self, message: str, *, code: str, retry_after: int):
+    def __init__(self, message: str, *, code: str, retry_after: int, headers: dict | None = None):
         super().__init__(message, code=code, status_code=429)
         self.retry_after = max(1, retry_after)
         # DRF's exception handler turns `wait` into the Retry-After header.
         self.wait = self.retry_after
+        self.headers = headers or {}
 
 
-def _window(seconds: int, now: float) -> tuple[int, int]:
-    """The window's number and the seconds left in it."""
-    index = int(now // seconds)
-    return index, max(1, math.ceil((index + 1) * seconds - now))
+class RequestTooLarge(ApiError):
+    """A request whose worst case alone exceeds a token limit: no amount of waiting lets it pass.
+
+    400, not 429, on purpose: SDKs (openai included) retry a 429 by themselves after Retry-After, which would only
+    repeat a refusal that no wait can lift; a 400 tells the caller to change the request (lower max_tokens or n,
+    shorten the prompt)."""
+
+    def __init__(self, message: str, *, headers: dict | None = None):
+        super().__init__(message, code="request_too_large", param="max_tokens", status_code=400)
+        self.headers = headers or {}
 
 
-def _key(*parts) -> str:
-    # Tenant id in every key: one tenant's traffic never fills another's window.
-    return "ratelimit:" + ":".join(str(part) for part in parts)
+@dataclass
+class Reservation:
+    """What admission reserved; `inference_settle` gives the unused tokens back exactly once."""
+
+    token_keys: list[str]
+    tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
 
 
-def _hit(key: str, *, amount: int, ttl: int) -> tuple[int, int]:
-    count, left = redis_client().eval(_HIT_SCRIPT, 1, key, amount, ttl)
-    return int(count), int(left)
-
-
-def inference_admit(*, tenant: Tenant, api_key: ApiKey | None) -> None:
-    """Counts this request; raises RateLimited (429, with the seconds to wait) when a window is full."""
-    limits = inference_limits(tenant)
+def inference_reserve(*, tenant: Tenant, api_key: ApiKey | None, tokens: int) -> Reservation:
+    """Counts the request and reserves `tokens` (its worst case) in every window, or raises: RequestTooLarge (400)
+    when the worst case alone exceeds a token limit, RateLimited (429, Retry-After: the seconds until the last
+    full window ends) when a window has no room now."""
+    windows = inference_windows(tenant=tenant, api_key=api_key)
     now = time.time()
-    minute, minute_left = _window(60, now)
-    day, day_left = _window(86_400, now)
-    if api_key is not None:
-        count, left = _hit(_key("key", tenant.pk, api_key.pk, "rpm", minute), amount=1, ttl=minute_left + 1)
-        if count > limits.requests_per_minute_per_key:
-            raise RateLimited(
-                f"Rate limit reached for this API key: {limits.requests_per_minute_per_key} requests per minute.",
-                code="rate_limit_exceeded",
-                retry_after=left,
-            )
-    count, left = _hit(_key("tenant", tenant.pk, "rpm", minute), amount=1, ttl=minute_left + 1)
-    if count > limits.requests_per_minute:
-        raise RateLimited(
-            f"Rate limit reached for your organization: {limits.requests_per_minute} requests per minute.",
-            code="rate_limit_exceeded",
-            retry_after=left,
+    keys = [_redis_key(window, tenant=tenant, api_key=api_key, now=now) for window in windows]
+    too_small = [window for window in windows if window.unit == "tokens" and 0 < window.limit < tokens]
+    if too_small:
+        counts = [int(value or 0) for value in redis_client().mget(keys)]
+        raise RequestTooLarge(
+            f"This request may use up to {tokens} tokens (the prompt plus max_tokens × n), more than the "
+            f"{too_small[0].describe()}. Lower max_tokens (or n), or shorten the prompt.",
+            headers=rate_limit_headers(windows, counts, now=now),
         )
-    client = redis_client()
-    used_minute, used_day = client.mget(_key("tenant", tenant.pk, "tpm", minute), _key("tenant", tenant.pk, "tpd", day))
-    if int(used_day or 0) >= limits.tokens_per_day:
+    arguments = []
+    for window in windows:
+        amount = 1 if window.unit == "requests" else tokens
+        arguments += [amount, window.limit, window.seconds + 1]
+    admitted, counts, full = redis_client().eval(_RESERVE_SCRIPT, len(keys), *keys, *arguments)
+    counts = [int(count) for count in counts]
+    headers = rate_limit_headers(windows, counts, now=now)
+    if not admitted:
+        blocking = [windows[index - 1] for index in full]
+        # The day's quota is spent (or set to 0): OpenAI's code for that, so callers can tell it from a busy minute.
+        code = "insufficient_quota" if any(window.seconds == DAY for window in blocking) else "rate_limit_exceeded"
         raise RateLimited(
-            f"Daily token quota reached for your organization: {limits.tokens_per_day} tokens per day.",
-            code="insufficient_quota",
-            retry_after=day_left,
+            f"Rate limit reached: {'; '.join(window.describe() for window in blocking)}. Try again later.",
+            code=code,
+            retry_after=max(_seconds_left(window.seconds, now) for window in blocking),
+            headers=headers,
         )
-    if int(used_minute or 0) >= limits.tokens_per_minute:
-        raise RateLimited(
-            f"Token rate limit reached for your organization: {limits.tokens_per_minute} tokens per minute.",
-            code="rate_limit_exceeded",
-            retry_after=minute_left,
-        )
+    token_keys = [key for key, window in zip(keys, windows, strict=True) if window.unit == "tokens"]
+    return Reservation(token_keys=token_keys, tokens=tokens, headers=headers)
 
 
-def inference_charge_tokens(*, tenant: Tenant, tokens: int) -> None:
-    if tokens <= 0:
+def inference_settle(reservation: Reservation, *, used_tokens: int | None) -> None:
+    """Gives back what the answer did not use. `used_tokens=None` (the answer's usage is unknown, e.g. a stream the
+    client dropped after tokens were generated) keeps the whole reservation: a caller must not be able to spend
+    tokens for free by hanging up."""
+    if reservation.settled:
         return
-    now = time.time()
-    minute, minute_left = _window(60, now)
-    day, day_left = _window(86_400, now)
-    _hit(_key("tenant", tenant.pk, "tpm", minute), amount=tokens, ttl=minute_left + 1)
-    _hit(_key("tenant", tenant.pk, "tpd", day), amount=tokens, ttl=day_left + 1)
+    reservation.settled = True
+    if used_tokens is None or used_tokens == reservation.tokens or not reservation.token_keys:
+        return
+    unused = reservation.tokens - used_tokens
+    redis_client().eval(_SETTLE_SCRIPT, len(reservation.token_keys), *reservation.token_keys, unused)

@@ -11,7 +11,9 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "created_at"]
+    # The inference limits are edited here by platform staff (empty: the platform default); they apply on the
+    # tenant's next request.
+    list_display = ["slug", "name", "requests_per_minute", "tokens_per_minute", "tokens_per_day", "created_at"]
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
 
@@ -20,7 +22,8 @@ class TenantAdmin(admin.ModelAdmin):
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["name", "prefix", "tenant", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["tenant"]
-    # The hash is useless to a person and the key itself is never stored: nothing here is editable.
+    # The hash is useless to a person and the key itself is never stored: only the key's inference caps (and its
+    # revocation) are editable here.
     readonly_fields = ["public_id", "tenant", "name", "prefix", "created_by", "created_at", "last_used_at"]
     exclude = ["key_hash"]
 

@@ -1,9 +1,23 @@
 """Tenants, memberships and API keys, plus the one door through which tenant-owned rows are read."""
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from apps.core.ids import new_public_id
+
+# The largest value PostgreSQL's integer column holds: a bigger limit would fail on save instead of answering 400.
+INFERENCE_LIMIT_MAX = 2_147_483_647
+INFERENCE_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
+
+
+def _inference_limit_field(help_text: str) -> models.PositiveIntegerField:
+    return models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(INFERENCE_LIMIT_MAX)],
+        help_text=help_text,
+    )
 
 
 class Tenant(models.Model):
@@ -15,6 +29,14 @@ class Tenant(models.Model):
     max_upload_bytes = models.BigIntegerField(null=True, blank=True, help_text="Overrides MAX_UPLOAD_BYTES when set.")
     max_running_jobs = models.PositiveIntegerField(
         null=True, blank=True, help_text="Overrides MAX_RUNNING_JOBS_PER_TENANT when set; more jobs wait queued."
+    )
+    # Inference limits of the whole team (every key and the dashboard together); empty: the platform default.
+    requests_per_minute = _inference_limit_field("Inference requests per minute; empty: the platform default.")
+    tokens_per_minute = _inference_limit_field(
+        "Inference tokens (prompt + completion) per minute; empty: the platform default."
+    )
+    tokens_per_day = _inference_limit_field(
+        "Inference tokens (prompt + completion) per UTC day; empty: the platform default."
     )
 
     def __str__(self) -> str:
@@ -84,6 +106,12 @@ class ApiKey(TenantOwnedModel):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Caps of this key alone, below the team's limits (a key cannot raise them); empty: no cap of its own.
+    requests_per_minute = _inference_limit_field(
+        "Inference requests per minute with this key; empty: INFERENCE_REQUESTS_PER_MINUTE_PER_KEY."
+    )
+    tokens_per_minute = _inference_limit_field("Inference tokens per minute with this key; empty: no own cap.")
+    tokens_per_day = _inference_limit_field("Inference tokens per UTC day with this key; empty: no own cap.")
 
     class Meta:
         ordering = ["-created_at"]

@@ -12,7 +12,15 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
-from .models import ROLES_THAT_CAN_MANAGE, ApiKey, Membership, Role, Tenant
+from .models import (
+    INFERENCE_LIMIT_FIELDS,
+    INFERENCE_LIMIT_MAX,
+    ROLES_THAT_CAN_MANAGE,
+    ApiKey,
+    Membership,
+    Role,
+    Tenant,
+)
 
 API_KEY_PREFIX = "th-"
 # Writing last_used_at on every request would turn each API call into a write; once a minute is enough to see it.
@@ -137,15 +145,67 @@ def membership_remove(*, tenant: Tenant, actor: AbstractBaseUser, membership_id:
         membership.delete()
 
 
-def api_key_create(*, tenant: Tenant, user: AbstractBaseUser | None, name: str) -> CreatedApiKey:
+def inference_limits_clean(limits: dict) -> dict[str, int | None]:
+    """The inference limits among `limits` (requests_per_minute, tokens_per_minute, tokens_per_day), each a positive
+    whole number or None (the default); a ValidationError names the first field that is neither. Digit strings are
+    taken too, and "" means None, since HTML forms send nothing else."""
+    cleaned: dict[str, int | None] = {}
+    for name in INFERENCE_LIMIT_FIELDS:
+        if name not in limits:
+            continue
+        value = limits[name]
+        if isinstance(value, str):
+            value = value.strip()
+            if value == "":
+                value = None
+            elif value.isdigit():
+                value = int(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValidationError({name: f"{name} must be a positive whole number, or null for the default."})
+        if value is not None and value > INFERENCE_LIMIT_MAX:
+            raise ValidationError({name: f"{name} may be at most {INFERENCE_LIMIT_MAX}."})
+        cleaned[name] = value
+    return cleaned
+
+
+def api_key_create(
+    *, tenant: Tenant, user: AbstractBaseUser | None, name: str, limits: dict | None = None
+) -> CreatedApiKey:
+    """`limits`: the key's own caps (inference_limits_clean), checked before anything is stored."""
     name = name.strip()
     if not name:
         raise ValidationError({"name": "Give the key a name so you can recognise it later."})
+    caps = inference_limits_clean(limits or {})
     secret = API_KEY_PREFIX + secrets.token_urlsafe(30)
     api_key = ApiKey.objects.create(
-        tenant=tenant, name=name[:100], prefix=secret[:10], key_hash=hash_api_key(secret), created_by=user
+        tenant=tenant, name=name[:100], prefix=secret[:10], key_hash=hash_api_key(secret), created_by=user, **caps
     )
     return CreatedApiKey(api_key=api_key, secret=secret)
+
+
+def api_key_update(*, tenant: Tenant, public_id: str, name: str | None = None, limits: dict | None = None) -> ApiKey:
+    """Renames the key and/or changes the caps present in `limits` (None removes a cap); the others stay. Raises
+    ApiKey.DoesNotExist for another tenant's key id (404 for the caller). Takes effect on the key's next request."""
+    caps = inference_limits_clean(limits or {})
+    api_key = ApiKey.objects.for_tenant(tenant).get(public_id=public_id)
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValidationError({"name": "Give the key a name so you can recognise it later."})
+        api_key.name = name.strip()[:100]
+    for field, value in caps.items():
+        setattr(api_key, field, value)
+    api_key.save(update_fields=["name", *caps])
+    return api_key
+
+
+def tenant_inference_limits_update(*, tenant: Tenant, limits: dict) -> Tenant:
+    """Platform staff set a team's inference limits (None: back to the platform default); read per request, so they
+    take effect on the next one without a restart."""
+    caps = inference_limits_clean(limits)
+    for field, value in caps.items():
+        setattr(tenant, field, value)
+    tenant.save(update_fields=list(caps))
+    return tenant
 
 
 def api_key_revoke(*, tenant: Tenant, public_id: str) -> ApiKey:

@@ -96,7 +96,9 @@ def openai_exception_handler(exc, context):
             param=None,
             status_code=response.status_code,
         )
-    return Response(body, status=response.status_code, headers=_passthrough_headers(response))
+    headers = _passthrough_headers(response)
+    headers.update(getattr(exc, "headers", None) or {})  # e.g. the x-ratelimit-* of an inference refusal
+    return Response(body, status=response.status_code, headers=headers)
 
 
 def _passthrough_headers(response) -> dict:

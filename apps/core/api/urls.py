@@ -31,6 +31,7 @@ urlpatterns = [
     path("", include("apps.endpoints.api.urls")),
     path("", include("apps.tuning.api.urls")),
     path("", include("apps.audits.api.urls")),
+    path("", include("apps.tenancy.api.urls")),
     # Public on purpose (settings.SPECTACULAR_SETTINGS says why); Swagger UI's files come from this server.
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api:openapi-schema"), name="docs"),

@@ -31,7 +31,7 @@ from ..inference import (
     sse,
     usage_json,
 )
-from ..limits import RateLimited, inference_admit, inference_charge_tokens
+from ..limits import RateLimited, Reservation, inference_reserve, inference_settle
 from ..models import Endpoint, RequestKind
 from ..selectors import endpoint_for_model
 from ..services import endpoint_request_record
@@ -44,6 +44,8 @@ def _error_response(error: ApiError) -> JsonResponse:
     )
     if isinstance(error, RateLimited):
         response["Retry-After"] = str(error.retry_after)
+    for name, value in (getattr(error, "headers", None) or {}).items():
+        response[name] = value  # x-ratelimit-* on refusals by the limits too
     if error.status_code == 401:
         response["WWW-Authenticate"] = 'Bearer realm="api"'
     return response
@@ -85,6 +87,12 @@ class _Admitted:
     endpoint: Endpoint
     generation: GenerationRequest
     model: str
+    reservation: Reservation
+
+    def rate_limit_headers(self, response):
+        for name, value in self.reservation.headers.items():
+            response[name] = value
+        return response
 
 
 def _admit(request: HttpRequest, body, *, chat: bool, started: float) -> _Admitted:
@@ -101,14 +109,17 @@ def _admit(request: HttpRequest, body, *, chat: bool, started: float) -> _Admitt
         # Another tenant's endpoint (or one the key may not use) reads exactly like a name that does not exist.
         raise ApiError(f"The model '{model}' does not exist.", code="model_not_found", param="model", status_code=404)
     try:
-        inference_admit(tenant=context.tenant, api_key=context.api_key)
+        # Parsed first: the reservation needs max_tokens and n, and a malformed request should not use up a slot.
         generation = parse_generation_request(body, endpoint=endpoint, chat=chat)
+        reservation = inference_reserve(
+            tenant=context.tenant, api_key=context.api_key, tokens=generation.max_total_tokens
+        )
     except ApiError as error:
         _record(
             context, endpoint, chat=chat, status_code=error.status_code, started=started, error_code=error.error_code
         )
         raise
-    return _Admitted(context=context, endpoint=endpoint, generation=generation, model=model)
+    return _Admitted(context=context, endpoint=endpoint, generation=generation, model=model, reservation=reservation)
 
 
 def _record(
@@ -121,7 +132,11 @@ def _record(
     usage: dict | None = None,
     first_token_at: float | None = None,
     error_code: str = "",
+    reservation: Reservation | None = None,
+    usage_unknown: bool = False,
 ) -> None:
+    """Meters the request and settles its token reservation to what was metered; `usage_unknown` (tokens went out
+    but serving's count never came) keeps the whole reservation instead."""
     usage = usage_json(usage)
     endpoint_request_record(
         tenant=context.tenant,
@@ -136,8 +151,8 @@ def _record(
         time_to_first_token_ms=None if first_token_at is None else (first_token_at - started) * 1000,
         error_code=error_code,
     )
-    if usage["total_tokens"]:
-        inference_charge_tokens(tenant=context.tenant, tokens=usage["total_tokens"])
+    if reservation is not None:
+        inference_settle(reservation, used_tokens=None if usage_unknown else usage["total_tokens"])
 
 
 async def _generate(request: HttpRequest, *, chat: bool):
@@ -160,9 +175,15 @@ async def _generate(request: HttpRequest, *, chat: bool):
             stream = await client.open_stream("/v1/generate", admitted.generation.payload)
     except ApiError as error:
         await record(
-            context, endpoint, chat=chat, status_code=error.status_code, started=started, error_code=error.error_code
+            context,
+            endpoint,
+            chat=chat,
+            status_code=error.status_code,
+            started=started,
+            error_code=error.error_code,
+            reservation=admitted.reservation,
         )
-        return _error_response(error)
+        return admitted.rate_limit_headers(_error_response(error))
     completion_id = new_completion_id(chat)
     if not admitted.generation.stream:
         await record(
@@ -173,15 +194,18 @@ async def _generate(request: HttpRequest, *, chat: bool):
             started=started,
             usage=result.get("usage"),
             first_token_at=time.monotonic(),
+            reservation=admitted.reservation,
         )
-        return JsonResponse(completion_json(result, completion_id=completion_id, model=admitted.model, chat=chat))
+        return admitted.rate_limit_headers(
+            JsonResponse(completion_json(result, completion_id=completion_id, model=admitted.model, chat=chat))
+        )
     response = StreamingHttpResponse(
         _relay(stream, admitted, chat=chat, completion_id=completion_id, started=started),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back
-    return response
+    return admitted.rate_limit_headers(response)
 
 
 async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str, started: float):
@@ -206,6 +230,9 @@ async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str,
             usage=usage,
             first_token_at=first_token_at,
             error_code=error_code,
+            reservation=admitted.reservation,
+            # Text went out but serving's count did not come (client gone, stream broken): charge the worst case.
+            usage_unknown=usage is None and first_token_at is not None,
         )
 
     try:

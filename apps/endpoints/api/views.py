@@ -13,8 +13,8 @@ from apps.core.api.base import TenantAPIView
 from apps.core.api.errors import ApiError
 from apps.core.api.schema import ERROR_RESPONSES
 
-from ..inference import ServingClient, parse_predict_inputs
-from ..limits import inference_admit, inference_charge_tokens
+from ..inference import ServingClient, parse_predict_inputs, predict_token_bound
+from ..limits import inference_reserve, inference_settle
 from ..models import Endpoint, RequestKind
 from ..selectors import USAGE_WINDOWS, endpoint_usage, endpoints_visible
 from ..serialization import endpoint_to_json, usage_to_json
@@ -178,20 +178,27 @@ class EndpointPredictView(EndpointView):
                 error_code=error_code,
             )
 
+        reservation = None
         try:
-            inference_admit(tenant=self.tenant, api_key=api_key)
             inputs = parse_predict_inputs(self._body(), endpoint=endpoint)
+            reservation = inference_reserve(
+                tenant=self.tenant, api_key=api_key, tokens=predict_token_bound(inputs, endpoint=endpoint)
+            )
             result = async_to_sync(ServingClient().post_json)(
                 "/v1/classify", {"endpoint": endpoint.public_id, "inputs": inputs}
             )
         except ApiError as error:
             record(error.status_code, error_code=error.error_code)
+            if reservation is not None:
+                inference_settle(reservation, used_tokens=0)
+                error.headers = {**reservation.headers, **(getattr(error, "headers", None) or {})}
             raise
         prompt_tokens = int((result.get("usage") or {}).get("prompt_tokens") or 0)
         record(200, prompt_tokens=prompt_tokens)
-        inference_charge_tokens(tenant=self.tenant, tokens=prompt_tokens)
+        inference_settle(reservation, used_tokens=prompt_tokens)
         return Response(
-            {
+            headers=reservation.headers,
+            data={
                 "object": "list",
                 "endpoint": endpoint.public_id,
                 "model": endpoint.name,
@@ -200,7 +207,7 @@ class EndpointPredictView(EndpointView):
                     for index, prediction in enumerate(result.get("predictions") or [])
                 ],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            }
+            },
         )
 
 

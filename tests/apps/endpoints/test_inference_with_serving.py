@@ -115,3 +115,90 @@ def test_redeploying_while_clients_run_fails_no_request(
     assert failures == []
     assert answered_at_swap > 0 and len(answered) > answered_at_swap
     assert client.get(f"/endpoints/{endpoint['id']}", cast_to=object)["revision"] == 2
+
+
+RATE_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+
+
+def test_token_quotas_hold_for_concurrent_sdk_clients_and_unused_tokens_come_back(
+    serving_server, asgi_server, celery_workers, tenant_a
+):
+    from apps.endpoints.inference import prompt_token_bound
+    from apps.endpoints.models import Endpoint
+    from apps.endpoints.registry import model_context_length, redis_client
+    from apps.tenancy.services import api_key_create
+
+    client = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=tenant_a.api_key, max_retries=0)
+    uploaded = client.files.create(file=("lim.txt", io.BytesIO(english_corpus(200).encode())), purpose="fine-tune")
+    job = _wait_for_status(client, _train(client, uploaded.id, seed=3).id, FINISHED)
+    assert job.status == "succeeded", job.error
+    endpoint = client.post("/endpoints", body={"name": "lim", "model": job.fine_tuned_model}, cast_to=object)
+    client.completions.create(model="lim", prompt="warm", max_tokens=2)  # loaded and answering
+
+    # The headers come on a streamed answer too (sent before the first chunk).
+    raw = client.completions.with_raw_response.create(model="lim", prompt="Once upon", max_tokens=4, stream=True)
+    assert all(raw.headers.get(name) for name in RATE_HEADERS), dict(raw.headers)
+    assert [chunk for chunk in raw.parse()]
+
+    prompt, max_tokens = "Once upon", 8
+    context_length = model_context_length(Endpoint.objects.get(public_id=endpoint["id"]))
+    worst = prompt_token_bound([prompt], context_length=context_length, max_tokens=max_tokens) + max_tokens
+
+    # Room for one worst case at a time in the key's minute: the second answer fits only if the first gave back
+    # what it did not use (its prompt is far below the bound). Set in the database while the web process runs.
+    if time.time() % 60 > 45:
+        time.sleep(61 - time.time() % 60)  # both requests in one minute window
+    one_at_a_time = api_key_create(
+        tenant=tenant_a.tenant, user=tenant_a.owner, name="one", limits={"tokens_per_minute": 2 * worst - 1}
+    )
+    sequential = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=one_at_a_time.secret, max_retries=0)
+    for _ in range(2):
+        assert sequential.completions.create(model="lim", prompt=prompt, max_tokens=max_tokens).usage.total_tokens
+
+    # 8 clients at once against a day's quota of two worst cases: what the admitted answers used never exceeds
+    # it, the others get RateLimitError, and the counter ends at exactly what was used (all reservations settled).
+    burst_key = api_key_create(
+        tenant=tenant_a.tenant, user=tenant_a.owner, name="burst", limits={"tokens_per_day": 2 * worst}
+    )
+    start = threading.Barrier(8)
+    lock = threading.Lock()
+    used: list[int] = []
+    limited: list[openai.RateLimitError] = []
+    failures: list[str] = []
+
+    def ask() -> None:
+        own = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=burst_key.secret, max_retries=0)
+        start.wait()
+        try:
+            completion = own.completions.create(model="lim", prompt=prompt, max_tokens=max_tokens)
+        except openai.RateLimitError as error:
+            with lock:
+                limited.append(error)
+        except Exception as error:  # noqa: BLE001 - every other failure is the finding
+            with lock:
+                failures.append(repr(error))
+        else:
+            with lock:
+                used.append(completion.usage.total_tokens)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert failures == []
+    assert used and limited, (used, len(limited))
+    assert sum(used) <= 2 * worst
+    day_counter = f"ratelimit:key:{tenant_a.tenant.pk}:{burst_key.api_key.pk}:tpd:{int(time.time() // 86_400)}"
+    assert int(redis_client().get(day_counter)) == sum(used)
+    refusal = limited[0].response
+    assert int(refusal.headers["retry-after"]) >= 1
+    assert refusal.headers["x-ratelimit-limit-tokens"] == str(2 * worst)
+    assert limited[0].code == "insufficient_quota"
