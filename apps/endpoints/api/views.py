@@ -181,7 +181,7 @@ class EndpointPredictView(EndpointView):
         try:
             inference_admit(tenant=self.tenant, api_key=api_key)
             inputs = parse_predict_inputs(self._body(), endpoint=endpoint)
-            result = async_to_sync(ServingClient().post_json)(
+            result = async_to_sync(ServingClient(endpoint).post_json)(
                 "/v1/classify", {"endpoint": endpoint.public_id, "inputs": inputs}
             )
         except ApiError as error:
