@@ -223,6 +223,23 @@ class ModelManager:
             ]
             return rows
 
+    def current_states(self) -> list[tuple[str, int, str, str | None]]:
+        """(endpoint, revision, state, error) of what this process holds now, for the status heartbeat: the serving
+        revision ready, loads in progress, and failed loads of revisions still deployed."""
+        with self._lock:
+            states = [(served.endpoint, served.revision, READY, None) for served in self._served.values()]
+            states += [
+                (endpoint, revision, LOADING, None)
+                for (endpoint, revision), future in self._loads.items()
+                if not future.done()
+            ]
+            states += [
+                (endpoint, revision, FAILED, error)
+                for (endpoint, revision), error in self._failures.items()
+                if (deployment := self.deployments.get(endpoint)) is not None and deployment.revision == revision
+            ]
+            return states
+
     def close(self) -> None:
         with self._lock:
             for served in list(self._served.values()) + self._retiring:

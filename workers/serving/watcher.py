@@ -1,4 +1,5 @@
-"""Keeps the manager in step with the Redis registry: pub/sub wake-ups plus a full re-read every ~2 s."""
+"""Keeps the manager in step with the Redis registry (pub/sub wake-ups plus a full re-read every ~2 s) and tells
+the web process, on the same beat, that this instance is alive and what it holds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import time
 import redis
 
 from workers.serving.manager import ModelManager
-from workers.serving.registry import CHANGED_CHANNEL, DEPLOYMENTS_KEY, STATUS_KEY_PREFIX, Deployment, status_value
+from workers.serving.registry import (
+    CHANGED_CHANNEL,
+    DEPLOYMENTS_KEY,
+    INSTANCE_KEY_PREFIX,
+    STATUS_KEY_PREFIX,
+    Deployment,
+    status_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +30,11 @@ class RegistryWatcher:
         self.manager: ModelManager | None = None
         self.registry_read = threading.Event()
         """Set once the registry was read; cleared while Redis does not answer (``/readyz``)."""
+        self.registry_loaded = threading.Event()
+        """Set the first time the registry was read, never cleared: from then on the deployments in memory can
+        answer requests, even while Redis is away (before it, every endpoint would look unknown)."""
+        # Several missed beats in a row before the web process stops counting this instance's reports.
+        self.alive_seconds = max(10, int(5 * poll_seconds))
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serving-registry", daemon=True)
 
@@ -32,6 +45,10 @@ class RegistryWatcher:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=10)
+        try:
+            self.redis.delete(INSTANCE_KEY_PREFIX + self.instance_id)  # its reports stop counting at once
+        except redis.RedisError:
+            logger.warning("could not withdraw instance %s", self.instance_id, exc_info=True)
 
     def report_status(self, endpoint: str, revision: int, state: str, error: str | None) -> None:
         try:
@@ -53,6 +70,18 @@ class RegistryWatcher:
         assert self.manager is not None
         self.manager.update_registry(self.read_registry())
         self.registry_read.set()
+        self.registry_loaded.set()
+
+    def heartbeat(self) -> None:
+        """Renews this instance's liveness key and rewrites its current states (a report lost while Redis was away,
+        or cleared by the web process, comes back within one beat)."""
+        assert self.manager is not None
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.set(INSTANCE_KEY_PREFIX + self.instance_id, "1", ex=self.alive_seconds)
+        for endpoint, revision, state, error in self.manager.current_states():
+            value = status_value(revision=revision, state=state, error=error)
+            pipeline.hset(f"{STATUS_KEY_PREFIX}{endpoint}", self.instance_id, value)
+        pipeline.execute()
 
     def _run(self) -> None:
         pubsub = None
@@ -68,6 +97,7 @@ class RegistryWatcher:
                     if message is not None:
                         break  # re-read at once: the hash holds the whole truth, the message only says "look"
                 self.manager.sweep()
+                self.heartbeat()
             except (redis.RedisError, OSError):
                 logger.warning("the registry could not be read; retrying", exc_info=True)
                 self.registry_read.clear()
