@@ -14,11 +14,15 @@ Pure Python, no Django: the unit tests drive it with a fake clock.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+
+# The serving processes place warm replicas with the same ranking, so the web sends requests where they are.
+from workers.serving.placement import rendezvous_order
+
+__all__ = ["ServingPool", "rendezvous_order", "serving_pool", "serving_urls"]
 
 
 def serving_urls(setting: str) -> tuple[str, ...]:
@@ -29,16 +33,6 @@ def serving_urls(setting: str) -> tuple[str, ...]:
         if url and url not in urls:
             urls.append(url)
     return tuple(urls)
-
-
-def _weight(key: str, url: str) -> int:
-    # blake2b rather than hash(): the ranking must agree across web processes (hash() is salted per process).
-    return int.from_bytes(hashlib.blake2b(f"{key}\0{url}".encode(), digest_size=8).digest(), "big")
-
-
-def rendezvous_order(key: str, urls: Sequence[str]) -> list[str]:
-    """``urls`` from the highest weight for ``key`` to the lowest; the URL breaks (improbable) ties."""
-    return sorted(urls, key=lambda url: (_weight(key, url), url), reverse=True)
 
 
 class ServingPool:

@@ -66,7 +66,12 @@ class ServingService:
 
     def __init__(self, config: ServingConfig) -> None:
         self.config = config
-        self.watcher = RegistryWatcher(config.redis_url, config.instance_id, poll_seconds=config.registry_poll_seconds)
+        self.watcher = RegistryWatcher(
+            config.redis_url,
+            config.instance_id,
+            poll_seconds=config.registry_poll_seconds,
+            advertised_url=config.advertised_url,
+        )
         store = store_from_env(default_root=config.data_dir / "storage")
         self.manager = ModelManager(config, store, self.watcher.report_status)
         self.started = False

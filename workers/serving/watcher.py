@@ -14,6 +14,7 @@ from workers.serving.registry import (
     CHANGED_CHANNEL,
     DEPLOYMENTS_KEY,
     INSTANCE_KEY_PREFIX,
+    INSTANCES_KEY,
     STATUS_KEY_PREFIX,
     Deployment,
     status_value,
@@ -23,9 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 class RegistryWatcher:
-    def __init__(self, redis_url: str, instance_id: str, *, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self, redis_url: str, instance_id: str, *, poll_seconds: float = 2.0, advertised_url: str = ""
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.instance_id = instance_id
+        self.advertised_url = advertised_url
         self.poll_seconds = poll_seconds
         self.manager: ModelManager | None = None
         self.registry_read = threading.Event()
@@ -46,7 +50,9 @@ class RegistryWatcher:
         self._stopping.set()
         self._thread.join(timeout=10)
         try:
-            self.redis.delete(INSTANCE_KEY_PREFIX + self.instance_id)  # its reports stop counting at once
+            # Its reports stop counting at once, and its peers take its warm replicas over at their next beat.
+            self.redis.delete(INSTANCE_KEY_PREFIX + self.instance_id)
+            self.redis.srem(INSTANCES_KEY, self.instance_id)
         except redis.RedisError:
             logger.warning("could not withdraw instance %s", self.instance_id, exc_info=True)
 
@@ -73,15 +79,28 @@ class RegistryWatcher:
         self.registry_loaded.set()
 
     def heartbeat(self) -> None:
-        """Renews this instance's liveness key and rewrites its current states (a report lost while Redis was away,
-        or cleared by the web process, comes back within one beat)."""
+        """Renews this instance's liveness key, rewrites its current states (a report lost while Redis was away, or
+        cleared by the web process, comes back within one beat) and tells the manager which processes are alive."""
         assert self.manager is not None
         pipeline = self.redis.pipeline(transaction=False)
-        pipeline.set(INSTANCE_KEY_PREFIX + self.instance_id, "1", ex=self.alive_seconds)
+        pipeline.set(INSTANCE_KEY_PREFIX + self.instance_id, self.advertised_url, ex=self.alive_seconds)
+        pipeline.sadd(INSTANCES_KEY, self.instance_id)
         for endpoint, revision, state, error in self.manager.current_states():
             value = status_value(revision=revision, state=state, error=error)
             pipeline.hset(f"{STATUS_KEY_PREFIX}{endpoint}", self.instance_id, value)
         pipeline.execute()
+        self.manager.set_live_processes(self.live_urls())
+
+    def live_urls(self) -> set[str]:
+        """The advertised URLs of the processes whose liveness key has not expired (the expired ones are dropped)."""
+        instances = sorted(member.decode() for member in self.redis.smembers(INSTANCES_KEY))
+        if not instances:
+            return set()
+        values = self.redis.mget([INSTANCE_KEY_PREFIX + instance for instance in instances])
+        gone = [instance for instance, value in zip(instances, values, strict=True) if value is None]
+        if gone:
+            self.redis.srem(INSTANCES_KEY, *gone)
+        return {value.decode() for value in values if value}
 
     def _run(self) -> None:
         pubsub = None
@@ -90,6 +109,7 @@ class RegistryWatcher:
                 if pubsub is None:
                     pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(CHANGED_CHANNEL)
+                self.heartbeat()  # before the registry: eager loads need to know the live peers
                 self.refresh()
                 deadline = time.monotonic() + self.poll_seconds
                 while not self._stopping.is_set() and time.monotonic() < deadline:
@@ -97,7 +117,6 @@ class RegistryWatcher:
                     if message is not None:
                         break  # re-read at once: the hash holds the whole truth, the message only says "look"
                 self.manager.sweep()
-                self.heartbeat()
             except (redis.RedisError, OSError):
                 logger.warning("the registry could not be read; retrying", exc_info=True)
                 self.registry_read.clear()

@@ -370,3 +370,27 @@ async def test_each_process_keeps_its_own_status_and_liveness_beside_another(
     first.service.stop()
     assert not redis_client.exists(INSTANCE_KEY_PREFIX + first.config.instance_id)
     assert redis_client.exists(INSTANCE_KEY_PREFIX + second.config.instance_id)
+
+
+async def test_warm_replicas_go_to_the_endpoints_first_live_processes(make_app, redis_client, upload, gpt2_folder):
+    """min_replicas 1 with two processes: only the first of the endpoint's rendezvous ranking loads it eagerly (the
+    one the web sends its requests to); when that one stops, the other takes the warm replica over."""
+    from workers.serving.placement import rendezvous_order
+
+    apps = {url: make_app(advertised_url=url) for url in ("http://serving-a:8100", "http://serving-b:8100")}
+    await wait_for(lambda: all(set(apps) <= app.service.manager._live_urls for app in apps.values()), what="peers")
+    live = apps["http://serving-a:8100"].service.manager._live_urls  # other live processes of the session count too
+    endpoint = next(
+        candidate
+        for candidate in (new_endpoint() for _ in range(1000))
+        if set(rendezvous_order(candidate, live)[:2]) == set(apps)
+    )
+    first, second = rendezvous_order(endpoint, live)[:2]
+    record = deployment_record(endpoint, upload(gpt2_folder), min_replicas=1)
+    publish(redis_client, record)
+    await wait_for(lambda: _loaded_revisions(apps[first], endpoint) == [1], timeout=30, what="the eager load")
+    await asyncio.sleep(1.5)  # a few registry polls: the other process must not load it
+    assert _loaded_revisions(apps[second], endpoint) == []
+
+    apps[first].service.stop()
+    await wait_for(lambda: _loaded_revisions(apps[second], endpoint) == [1], timeout=30, what="the takeover")
