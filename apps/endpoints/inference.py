@@ -256,6 +256,12 @@ class ServingClient:
                 logger.warning("serving at %s failed (%s); trying the next process", url, type(error).__name__)
                 failure = type(error).__name__
                 continue
+            except httpx.HTTPError as error:  # not a transport failure (a malformed URL): another try gives the same
+                await self._abandon(url, client)
+                raise _unavailable(type(error).__name__) from error
+            except BaseException:  # the caller went away (cancelled): its count must not stay in flight
+                await self._abandon(url, client)
+                raise
             if response.status_code == 503 and response.headers.get(NOT_READY_HEADER):
                 await response.aclose()
                 await self._abandon(url, client)
