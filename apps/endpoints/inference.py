@@ -1,11 +1,13 @@
 """OpenAI-style inference requests: checked here, answered by the serving process over HTTP (workers/serving).
 
 `parse_generation_request` turns a /v1/completions or /v1/chat/completions body into the serving contract's
-`/v1/generate` body; `ServingClient` calls serving (async httpx, streaming); the `*_json` and `*_chunk` functions
+`/v1/generate` body; `ServingClient` calls a serving process (async httpx, streaming; routed over SERVING_URL's
+processes with failover, see routing.py); the `*_json` and `*_chunk` functions
 shape serving's answers as OpenAI's objects.
 """
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +20,14 @@ from apps.core.api.errors import ApiError
 
 from .models import Endpoint, EndpointStatus, EndpointTask
 from .registry import model_context_length
+from .routing import serving_pool, serving_urls
+
+logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+SERVING_CONNECT_TIMEOUT_SECONDS = 5.0
+# Serving marks its 503 with this header while it has not read the registry yet: another process can answer.
+NOT_READY_HEADER = "X-Serving-Not-Ready"
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Tokens a chat template may add around each message (role markers, separators) and around the whole prompt
 # (BOS, the assistant's turn): generous next to ChatML's handful, so the prompt bound stays an upper bound.
@@ -251,47 +259,94 @@ def _unavailable(detail: str) -> ServingError:
 
 
 class ServingClient:
-    """One request to serving; `open_stream` hands back the open response for the caller to iterate and close."""
+    """One request to serving for one endpoint, routed over SERVING_URL's processes (see routing.py): a process
+    that cannot be reached, or that answers before it has read the registry, is passed over for the next one.
 
-    def __init__(self):
-        if not settings.SERVING_URL:
+    Retries happen only before any response byte came back (nothing of the answer reached the caller), so a request
+    is never answered twice; a read timeout is not retried (the process is alive but slow, and another try would
+    only double the load). `open_stream` hands back the open response for the caller to iterate and close."""
+
+    def __init__(self, endpoint: Endpoint):
+        if not serving_urls(settings.SERVING_URL):
             raise _unavailable("SERVING_URL is not set")
-        self.base_url = settings.SERVING_URL.rstrip("/")
+        self.pool = serving_pool(settings.SERVING_URL, backoff_seconds=settings.SERVING_FAILURE_BACKOFF_SECONDS)
+        self.endpoint_id = endpoint.public_id
+        # max_replicas bounds how many processes share the endpoint's traffic (and so hold its model).
+        self.spread = max(1, endpoint.max_replicas or 1)
         self.headers = {"X-Serving-Token": settings.SERVING_TOKEN}
-        self.timeout = httpx.Timeout(settings.SERVING_TIMEOUT_SECONDS, connect=5.0)
+        self.timeout = httpx.Timeout(settings.SERVING_TIMEOUT_SECONDS, connect=SERVING_CONNECT_TIMEOUT_SECONDS)
+
+    async def _send(self, path: str, body: dict) -> tuple[str, httpx.AsyncClient, httpx.Response]:
+        """The first process's open (streamed) response; the caller reads and closes it, and ends its count."""
+        failure = "no serving process answered"
+        for url in self.pool.candidates(self.endpoint_id, spread=self.spread):
+            client = httpx.AsyncClient(timeout=self.timeout)
+            self.pool.begin(url)
+            try:
+                request = client.build_request("POST", url + path, json=body, headers=self.headers)
+                response = await client.send(request, stream=True)
+            except httpx.ReadTimeout as error:
+                await self._abandon(url, client)
+                raise _unavailable(type(error).__name__) from error
+            except httpx.TransportError as error:  # refused, reset, connect timeout, died before answering
+                await self._abandon(url, client)
+                self.pool.mark_failed(url)
+                logger.warning("serving at %s failed (%s); trying the next process", url, type(error).__name__)
+                failure = type(error).__name__
+                continue
+            except httpx.HTTPError as error:  # not a transport failure (a malformed URL): another try gives the same
+                await self._abandon(url, client)
+                raise _unavailable(type(error).__name__) from error
+            except BaseException:  # the caller went away (cancelled): its count must not stay in flight
+                await self._abandon(url, client)
+                raise
+            if response.status_code == 503 and response.headers.get(NOT_READY_HEADER):
+                await response.aclose()
+                await self._abandon(url, client)
+                self.pool.mark_failed(url)  # it is starting: let it read the registry before the next try
+                failure = "serving_not_ready"
+                continue
+            self.pool.mark_up(url)
+            return url, client, response
+        raise _unavailable(failure)
+
+    async def _abandon(self, url: str, client: httpx.AsyncClient) -> None:
+        self.pool.end(url)
+        await client.aclose()
 
     async def post_json(self, path: str, body: dict) -> dict:
+        url, client, response = await self._send(path, body)
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                response = await client.post(self.base_url + path, json=body, headers=self.headers)
+            raw = await response.aread()
         except httpx.HTTPError as error:
             raise _unavailable(type(error).__name__) from error
+        finally:
+            await response.aclose()
+            await self._abandon(url, client)
         if response.status_code >= 400:
-            raise _serving_error_from(response.status_code, response.content)
+            raise _serving_error_from(response.status_code, raw)
         try:
-            return response.json()
+            return json.loads(raw)
         except ValueError:
             raise ServingError("The serving process answered no JSON.", code="serving_error", status_code=502) from None
 
     async def open_stream(self, path: str, body: dict) -> "ServingStream":
-        client = httpx.AsyncClient(timeout=self.timeout)
-        try:
-            request = client.build_request("POST", self.base_url + path, json=body, headers=self.headers)
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as error:
-            await client.aclose()
-            raise _unavailable(type(error).__name__) from error
+        url, client, response = await self._send(path, body)
         if response.status_code >= 400:
-            raw = await response.aread()
+            try:
+                raw = await response.aread()
+            except httpx.HTTPError:
+                raw = b""
             await response.aclose()
-            await client.aclose()
+            await self._abandon(url, client)
             raise _serving_error_from(response.status_code, raw)
-        return ServingStream(client, response)
+        return ServingStream(client, response, on_close=lambda: self.pool.end(url))
 
 
 class ServingStream:
-    def __init__(self, client: httpx.AsyncClient, response: httpx.Response):
+    def __init__(self, client: httpx.AsyncClient, response: httpx.Response, *, on_close=None):
         self.client, self.response = client, response
+        self._on_close = on_close
 
     async def events(self) -> AsyncIterator[dict]:
         """Serving's SSE events as dicts, up to `[DONE]`."""
@@ -309,8 +364,14 @@ class ServingStream:
                 yield event
 
     async def close(self) -> None:
-        await self.response.aclose()
-        await self.client.aclose()
+        """Idempotent: the relay closes the stream when it ends and again in its `finally`."""
+        on_close, self._on_close = self._on_close, None
+        try:
+            await self.response.aclose()
+            await self.client.aclose()
+        finally:
+            if on_close is not None:
+                on_close()
 
 
 # --- OpenAI shapes ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The deployment registry shared with the serving process (workers/serving), in Redis.
 
 This side writes `serving:deployments` (one JSON entry per endpoint) and announces each change on
-`serving:deployments:changed`; serving writes what its instances are doing in `serving:status:<endpoint id>`.
-The shapes are the contract with workers/serving: change them only together.
+`serving:deployments:changed`; each serving process writes what it is doing in its own field of
+`serving:status:<endpoint id>` and keeps `serving:instance:<instance id>` alive while it runs. Several serving
+processes run side by side: only the reports of live ones count. The shapes are the contract with workers/serving
+(workers/serving/registry.py): change them only together.
 """
 
 import json
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 DEPLOYMENTS_KEY = "serving:deployments"
 DEPLOYMENTS_CHANGED_CHANNEL = "serving:deployments:changed"
 STATUS_KEY_PREFIX = "serving:status:"
+INSTANCE_KEY_PREFIX = "serving:instance:"
 LORA_MODES = ("lora", "qlora")
 
 
@@ -101,11 +104,28 @@ def registry_entry(*, endpoint_public_id: str) -> dict | None:
 
 
 def instance_reports(*, endpoint_public_id: str) -> list[dict]:
-    """What each serving instance last said about this endpoint; unreadable values are skipped, not fatal."""
+    """What each live serving instance last said about this endpoint. The fields of instances whose liveness key
+    expired (a killed or stopped process) are removed: their "ready" no longer serves anyone, and a restarted process
+    comes back under a new id. Unreadable values are skipped, not fatal."""
+    client = redis_client()
+    key = STATUS_KEY_PREFIX + endpoint_public_id
+    raw_reports = client.hgetall(key)
+    if not raw_reports:
+        return []
+    instances = list(raw_reports)
+    pipeline = client.pipeline(transaction=False)
+    for instance in instances:
+        pipeline.exists(INSTANCE_KEY_PREFIX + instance)
+    alive = dict(zip(instances, pipeline.execute(), strict=True))
+    gone = [instance for instance in instances if not alive[instance]]
+    if gone:
+        client.hdel(key, *gone)
     reports = []
-    for instance, raw in redis_client().hgetall(STATUS_KEY_PREFIX + endpoint_public_id).items():
+    for instance in instances:
+        if not alive[instance]:
+            continue
         try:
-            report = json.loads(raw)
+            report = json.loads(raw_reports[instance])
         except ValueError:
             logger.warning("Unreadable serving status for %s from %s", endpoint_public_id, instance)
             continue

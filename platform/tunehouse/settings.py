@@ -162,9 +162,12 @@ WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 # tenants are not trusted with the server's network: webhook URLs resolving to loopback, private, link-local or
 # other non-public addresses are then refused when the endpoint is created and again when each POST connects.
 WEBHOOK_ALLOW_PRIVATE_NETWORKS = env.bool("WEBHOOK_ALLOW_PRIVATE_NETWORKS", default=True)
-# Inference endpoints (apps/endpoints). The serving process (workers/serving) is reached at SERVING_URL with the
-# shared SERVING_TOKEN in `X-Serving-Token`; the registry of deployments lives in Redis (REDIS_URL).
+# Inference endpoints (apps/endpoints). The serving processes (workers/serving) are reached at SERVING_URL, one URL
+# or a comma-separated list (each endpoint is routed by rendezvous hashing, failing over to the next process; see
+# apps/endpoints/routing.py), with the shared SERVING_TOKEN in `X-Serving-Token`; the registry of deployments lives
+# in Redis (REDIS_URL). A process that could not be reached is passed over for SERVING_FAILURE_BACKOFF_SECONDS.
 SERVING_URL = env.str("SERVING_URL", default="")
+SERVING_FAILURE_BACKOFF_SECONDS = env.float("SERVING_FAILURE_BACKOFF_SECONDS", default=5.0)
 SERVING_TOKEN = env.str("SERVING_TOKEN", default="")
 SERVING_TIMEOUT_SECONDS = env.float("SERVING_TIMEOUT_SECONDS", default=300.0)
 # Requests per minute (per API key and per tenant) and tokens per minute and per day (per tenant), counted in Redis

@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="info")
     arguments = parser.parse_args()
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(ServingConfig.from_env(port=arguments.port))
+    app = create_app(ServingConfig.from_env(port=arguments.port, host=arguments.host))
     uvicorn.run(app, host=arguments.host, port=arguments.port, log_level=arguments.log_level, lifespan="on")
 
 

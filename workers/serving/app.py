@@ -35,10 +35,22 @@ MAX_CLASSIFY_INPUTS = 256
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+# Marks the 503 of a process that has not read the registry yet, so the web process tries another one instead.
+NOT_READY_HEADER = b"x-serving-not-ready"
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or []
 
     def body(self) -> dict[str, Any]:
         error_type = "invalid_request_error" if self.status < 500 else "server_error"
@@ -54,7 +66,12 @@ class ServingService:
 
     def __init__(self, config: ServingConfig) -> None:
         self.config = config
-        self.watcher = RegistryWatcher(config.redis_url, config.instance_id, poll_seconds=config.registry_poll_seconds)
+        self.watcher = RegistryWatcher(
+            config.redis_url,
+            config.instance_id,
+            poll_seconds=config.registry_poll_seconds,
+            advertised_url=config.advertised_url,
+        )
         store = store_from_env(default_root=config.data_dir / "storage")
         self.manager = ModelManager(config, store, self.watcher.report_status)
         self.started = False
@@ -77,6 +94,10 @@ class ServingService:
     def ready(self) -> bool:
         return self.watcher.registry_read.is_set()
 
+    @property
+    def knows_deployments(self) -> bool:
+        return self.watcher.registry_loaded.is_set()
+
 
 @dataclass
 class _Response:
@@ -98,7 +119,7 @@ class ServingApp:
         try:
             await self._handle(scope, receive, send)
         except ApiError as error:
-            await _send_json(send, error.status, error.body())
+            await _send_json(send, error.status, error.body(), headers=error.headers)
         except Exception:  # noqa: BLE001 - never a bare 500 page
             logger.exception("request failed")
             await _send_json(send, 500, ApiError(500, "internal_error", "The serving process failed.").body())
@@ -141,6 +162,14 @@ class ServingApp:
         if path == "/v1/deployments":
             await _send_json(send, 200, {"instance": self.config.instance_id, "data": self.service.manager.describe()})
             return
+        if not self.service.knows_deployments:
+            # Every endpoint would look unknown (404) until the registry is read: another process can answer.
+            raise ApiError(
+                503,
+                "serving_not_ready",
+                "The serving process is starting; try again shortly.",
+                headers=[(NOT_READY_HEADER, b"1")],
+            )
         body = await _read_json(receive)
         await routes[(method, path)](body, send)
 
@@ -448,13 +477,17 @@ async def _read_json(receive) -> dict:
     return body
 
 
-async def _send_json(send, status: int, body: Any) -> None:
+async def _send_json(send, status: int, body: Any, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})

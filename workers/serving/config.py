@@ -36,6 +36,11 @@ class ServingConfig:
     default, is bfloat16 on a GPU that supports it, else float16 on a GPU, and float32 on the CPU)."""
     instance_id: str
     """``host:pid:port``, the field this process writes in each ``serving:status:<endpoint>`` hash."""
+    advertised_url: str = ""
+    """This process's URL exactly as SERVING_URL lists it (``SERVING_ADVERTISE_URL``; ``python -m workers.serving``
+    defaults it to ``http://HOST:PORT`` unless HOST is a wildcard address). Warm replicas (``min_replicas``) are placed
+    on the first processes of each endpoint's rendezvous ranking of these URLs; empty: this process keeps one of every
+    such endpoint, as a single process does."""
     registry_poll_seconds: float = 2.0
     """The registry hash is re-read this often, since pub/sub messages can be missed."""
     max_batch_size: int = 64
@@ -44,7 +49,7 @@ class ServingConfig:
     """How long a classification batch collects requests before its forward pass."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, port: int = 0) -> ServingConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, port: int = 0, host: str = "") -> ServingConfig:
         env = os.environ if environ is None else environ
         data_dir = Path(env.get("TUNEHOUSE_DATA_DIR") or REPOSITORY_ROOT / "var").resolve()
         default_threads = max(1, (os.cpu_count() or 2) // 2)
@@ -59,7 +64,15 @@ class ServingConfig:
             device=device,
             dtype=dtype_from_setting(env.get("SERVING_DTYPE") or "auto", device),
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{port}",
+            advertised_url=(env.get("SERVING_ADVERTISE_URL") or default_advertised_url(host, port)).rstrip("/"),
         )
+
+
+def default_advertised_url(host: str, port: int) -> str:
+    """``http://HOST:PORT`` when that is an address others can use; empty for a wildcard or unknown one."""
+    if not host or not port or host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - compared, not bound
+        return ""
+    return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

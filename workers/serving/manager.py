@@ -39,6 +39,7 @@ from workers.serving.loading import (
     model_memory_bytes,
     place_model,
 )
+from workers.serving.placement import keeps_warm_replica
 from workers.serving.registry import (
     CAUSAL_LM,
     CLASSIFICATION,
@@ -127,6 +128,7 @@ class ModelManager:
         self._loads: dict[tuple[str, int], concurrent.futures.Future] = {}
         self._failures: dict[tuple[str, int], str] = {}
         self._bases: dict[Path, _SharedBase] = {}
+        self._live_urls: frozenset[str] = frozenset()
         self._lock = threading.RLock()
         self._adapter_lock = threading.Lock()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="serving-load")
@@ -153,7 +155,7 @@ class ModelManager:
                 if changed:
                     # A republished deployment gets another try at a load that failed.
                     self._failures.pop((endpoint, deployment.revision), None)
-                eager = deployment.min_replicas >= 1 and endpoint not in self._served
+                eager = self._keeps_warm(deployment) and endpoint not in self._served
                 if eager and (endpoint, deployment.revision) not in self._failures:
                     self._start_load(deployment)
             self._sweep_locked()
@@ -162,6 +164,23 @@ class ModelManager:
         with self._lock:
             self._sweep_locked()
 
+    def set_live_processes(self, urls: set[str]) -> None:
+        """The advertised URLs of the serving processes alive now (this one's included once it has registered)."""
+        with self._lock:
+            self._live_urls = frozenset(urls)
+
+    def _keeps_warm(self, deployment: Deployment) -> bool:
+        """Whether this process holds one of the endpoint's ``min_replicas`` warm replicas: loaded eagerly, never
+        unloaded for idleness, evicted last. With several processes only the first ``min_replicas`` of the endpoint's
+        rendezvous ranking do (the ones the web sends its requests to); the others load it on demand, like any
+        endpoint, when a request fails over to them."""
+        return keeps_warm_replica(
+            endpoint=deployment.endpoint,
+            min_replicas=deployment.min_replicas,
+            own_url=self.config.advertised_url,
+            live_urls=self._live_urls,
+        )
+
     def _sweep_locked(self) -> None:
         """Unload deployments idle past their idle_unload_seconds; free retired revisions with nothing in flight."""
         now = time.time()
@@ -169,7 +188,7 @@ class ModelManager:
             deployment = self.deployments.get(endpoint, served.deployment)
             if (
                 served.in_flight == 0
-                and deployment.min_replicas < 1
+                and not self._keeps_warm(deployment)
                 and now - served.last_used > deployment.idle_unload_seconds
             ):
                 del self._served[endpoint]
@@ -222,6 +241,23 @@ class ModelManager:
                 for (endpoint, revision), error in self._failures.items()
             ]
             return rows
+
+    def current_states(self) -> list[tuple[str, int, str, str | None]]:
+        """(endpoint, revision, state, error) of what this process holds now, for the status heartbeat: the serving
+        revision ready, loads in progress, and failed loads of revisions still deployed."""
+        with self._lock:
+            states = [(served.endpoint, served.revision, READY, None) for served in self._served.values()]
+            states += [
+                (endpoint, revision, LOADING, None)
+                for (endpoint, revision), future in self._loads.items()
+                if not future.done()
+            ]
+            states += [
+                (endpoint, revision, FAILED, error)
+                for (endpoint, revision), error in self._failures.items()
+                if (deployment := self.deployments.get(endpoint)) is not None and deployment.revision == revision
+            ]
+            return states
 
     def close(self) -> None:
         with self._lock:
@@ -391,7 +427,7 @@ class ModelManager:
             budget = self.config.memory_budget_bytes
             candidates = sorted(
                 (s for s in self._served.values() if s.endpoint != keep),
-                key=lambda s: (self.deployments.get(s.endpoint, s.deployment).min_replicas >= 1, s.last_used),
+                key=lambda s: (self._keeps_warm(self.deployments.get(s.endpoint, s.deployment)), s.last_used),
             )
             for served in candidates:
                 if self._resident_bytes() + needed <= budget:

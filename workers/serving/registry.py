@@ -4,7 +4,13 @@ Keys (the contract with ``apps/endpoints``):
 
 - hash ``serving:deployments``: endpoint id → deployment JSON;
 - channel ``serving:deployments:changed``: an endpoint id after each change;
-- hash ``serving:status:<endpoint>``: instance id → ``{"revision", "state", "error", "updated_at"}``.
+- hash ``serving:status:<endpoint>``: instance id → ``{"revision", "state", "error", "updated_at"}``; each process
+  writes only its own field, and rewrites its current states every registry poll;
+- key ``serving:instance:<instance id>``: set by each live process with a short expiry and renewed every poll, so
+  the web process counts only the reports of processes that are still alive (several run side by side, and one that
+  was killed never takes its reports back); its value is the process's advertised URL, and the set
+  ``serving:instances`` lists the ids, so each process knows its live peers to place warm replicas
+  (``workers/serving/placement.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 DEPLOYMENTS_KEY = "serving:deployments"
 CHANGED_CHANNEL = "serving:deployments:changed"
 STATUS_KEY_PREFIX = "serving:status:"
+INSTANCE_KEY_PREFIX = "serving:instance:"
+INSTANCES_KEY = "serving:instances"
 
 CAUSAL_LM = "causal_lm"
 CLASSIFICATION = "classification"

@@ -168,7 +168,7 @@ async def _generate(request: HttpRequest, *, chat: bool):
     record = sync_to_async(_record)
     context, endpoint = admitted.context, admitted.endpoint
     try:
-        client = ServingClient()
+        client = ServingClient(endpoint)
         if not admitted.generation.stream:
             result = await client.post_json("/v1/generate", admitted.generation.payload)
         else:

@@ -184,7 +184,7 @@ class EndpointPredictView(EndpointView):
             reservation = inference_reserve(
                 tenant=self.tenant, api_key=api_key, tokens=predict_token_bound(inputs, endpoint=endpoint)
             )
-            result = async_to_sync(ServingClient().post_json)(
+            result = async_to_sync(ServingClient(endpoint).post_json)(
                 "/v1/classify", {"endpoint": endpoint.public_id, "inputs": inputs}
             )
         except ApiError as error:

@@ -11,7 +11,13 @@ from rest_framework.test import APIClient
 
 from apps.datasets.models import File
 from apps.endpoints.models import Endpoint, EndpointRequest
-from apps.endpoints.registry import DEPLOYMENTS_CHANGED_CHANNEL, DEPLOYMENTS_KEY, STATUS_KEY_PREFIX, redis_client
+from apps.endpoints.registry import (
+    DEPLOYMENTS_CHANGED_CHANNEL,
+    DEPLOYMENTS_KEY,
+    INSTANCE_KEY_PREFIX,
+    STATUS_KEY_PREFIX,
+    redis_client,
+)
 from apps.endpoints.services import endpoint_request_record, endpoint_status_refresh
 from apps.jobs.models import FineTuningJob, JobCheckpoint, JobStatus
 from apps.jobs.serialization import fine_tuned_model_name
@@ -128,6 +134,8 @@ def test_status_follows_serving_reports_for_the_current_revision(tenant_a):
     endpoint = Endpoint.objects.get(public_id=endpoint_id)
     assert endpoint.status == "deploying"
     key = STATUS_KEY_PREFIX + endpoint_id
+    for instance in ("old", "i1", "i2"):  # live serving instances (their liveness keys are set)
+        redis_client().set(INSTANCE_KEY_PREFIX + instance, "1", ex=60)
     redis_client().hset(key, "old", json.dumps({"revision": 0, "state": "ready"}))
     assert endpoint_status_refresh(endpoint=endpoint).status == "deploying"  # another revision's report
     redis_client().hset(key, "i1", json.dumps({"revision": 1, "state": "failed", "error": "out of memory"}))
@@ -135,6 +143,25 @@ def test_status_follows_serving_reports_for_the_current_revision(tenant_a):
     assert endpoint.status == "failed" and endpoint.error["message"] == "out of memory"
     redis_client().hset(key, "i2", json.dumps({"revision": 1, "state": "ready"}))
     assert tenant_a.api().get(f"/v1/endpoints/{endpoint_id}").json()["status"] == "ready"
+
+
+def test_status_counts_only_live_serving_instances(tenant_a):
+    """Several serving processes report side by side; a killed one never takes its "ready" back, so its report
+    stops counting (and is removed) once its liveness key expires."""
+    job = _succeeded_job(tenant_a.tenant)
+    endpoint_id = _deploy(tenant_a.api(), name="bot", model=job.public_id, min_replicas=1).json()["id"]
+    endpoint = Endpoint.objects.get(public_id=endpoint_id)
+    key = STATUS_KEY_PREFIX + endpoint_id
+    redis_client().hset(key, "dead", json.dumps({"revision": 1, "state": "ready"}))
+    assert endpoint_status_refresh(endpoint=endpoint).status == "deploying"
+    assert redis_client().hget(key, "dead") is None
+    redis_client().set(INSTANCE_KEY_PREFIX + "live", "1", ex=60)
+    redis_client().hset(key, "live", json.dumps({"revision": 1, "state": "loading"}))
+    assert endpoint_status_refresh(endpoint=endpoint).status == "deploying"
+    redis_client().hset(key, "live", json.dumps({"revision": 1, "state": "ready"}))
+    assert endpoint_status_refresh(endpoint=endpoint).status == "ready"
+    redis_client().delete(INSTANCE_KEY_PREFIX + "live")  # it stopped
+    assert endpoint_status_refresh(endpoint=endpoint).status == "deploying"
 
 
 def test_a_key_limited_to_some_endpoints_gets_404_for_the_others(tenant_a):

@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from tests.workers.serving.conftest import new_endpoint
 from tests.workers.serving.helpers import AsgiClient, deploy, deployment_record, publish, wait_for
-from workers.serving.registry import STATUS_KEY_PREFIX
+from workers.serving.registry import INSTANCE_KEY_PREFIX, STATUS_KEY_PREFIX
 
 pytestmark = pytest.mark.asyncio
 
@@ -329,3 +329,68 @@ async def test_hot_swap_under_load_fails_no_request(app, client, redis_client, u
 
 def _loaded_revisions(app, endpoint: str) -> list[int]:
     return sorted(row["revision"] for row in app.service.manager.describe() if row["endpoint"] == endpoint)
+
+
+async def test_a_process_that_has_not_read_the_registry_sends_requests_elsewhere(
+    make_app, storage_dir, monkeypatch, redis_client, upload, gpt2_folder
+):
+    """Until its first registry read every endpoint would look unknown (404): the 503 carries the header that makes
+    the web process try another serving process instead."""
+    monkeypatch.setenv("STORAGE_DIR", str(storage_dir))
+    from workers.serving.app import NOT_READY_HEADER, ServingApp
+    from workers.serving.config import ServingConfig
+
+    starting = ServingApp(ServingConfig.from_env())  # its service not started: the registry never read
+    response = await AsgiClient(starting).generate(endpoint=new_endpoint(), prompt=PROMPT)
+    assert response.status == 503 and response.json()["error"]["code"] == "serving_not_ready"
+    assert response.headers[NOT_READY_HEADER.decode()] == "1"
+    assert (await AsgiClient(starting).request("GET", "/readyz")).status == 503
+
+
+async def test_each_process_keeps_its_own_status_and_liveness_beside_another(
+    make_app, redis_client, upload, gpt2_folder
+):
+    """Two processes side by side: each writes only its own field of the status hash, renews its liveness key on
+    every registry poll, rewrites its states (a cleared report comes back) and withdraws its liveness on stop."""
+    first, second = make_app(), make_app()
+    endpoint = new_endpoint()
+    record = deployment_record(endpoint, upload(gpt2_folder))
+    await deploy(first, redis_client, record)
+    await deploy(second, redis_client, record)
+    assert (await AsgiClient(first).generate(endpoint=endpoint, prompt=PROMPT, max_tokens=2)).status == 200
+    await wait_for(lambda: (_status(redis_client, endpoint, first.config.instance_id) or {}).get("state") == "ready")
+    assert _status(redis_client, endpoint, second.config.instance_id) is None  # it loaded nothing
+    for app in (first, second):
+        assert redis_client.exists(INSTANCE_KEY_PREFIX + app.config.instance_id)
+        assert 0 < redis_client.ttl(INSTANCE_KEY_PREFIX + app.config.instance_id) <= app.service.watcher.alive_seconds
+    redis_client.hdel(f"{STATUS_KEY_PREFIX}{endpoint}", first.config.instance_id)
+    await wait_for(
+        lambda: _status(redis_client, endpoint, first.config.instance_id) is not None, what="the heartbeat's report"
+    )
+    first.service.stop()
+    assert not redis_client.exists(INSTANCE_KEY_PREFIX + first.config.instance_id)
+    assert redis_client.exists(INSTANCE_KEY_PREFIX + second.config.instance_id)
+
+
+async def test_warm_replicas_go_to_the_endpoints_first_live_processes(make_app, redis_client, upload, gpt2_folder):
+    """min_replicas 1 with two processes: only the first of the endpoint's rendezvous ranking loads it eagerly (the
+    one the web sends its requests to); when that one stops, the other takes the warm replica over."""
+    from workers.serving.placement import rendezvous_order
+
+    apps = {url: make_app(advertised_url=url) for url in ("http://serving-a:8100", "http://serving-b:8100")}
+    await wait_for(lambda: all(set(apps) <= app.service.manager._live_urls for app in apps.values()), what="peers")
+    live = apps["http://serving-a:8100"].service.manager._live_urls  # other live processes of the session count too
+    endpoint = next(
+        candidate
+        for candidate in (new_endpoint() for _ in range(1000))
+        if set(rendezvous_order(candidate, live)[:2]) == set(apps)
+    )
+    first, second = rendezvous_order(endpoint, live)[:2]
+    record = deployment_record(endpoint, upload(gpt2_folder), min_replicas=1)
+    publish(redis_client, record)
+    await wait_for(lambda: _loaded_revisions(apps[first], endpoint) == [1], timeout=30, what="the eager load")
+    await asyncio.sleep(1.5)  # a few registry polls: the other process must not load it
+    assert _loaded_revisions(apps[second], endpoint) == []
+
+    apps[first].service.stop()
+    await wait_for(lambda: _loaded_revisions(apps[second], endpoint) == [1], timeout=30, what="the takeover")

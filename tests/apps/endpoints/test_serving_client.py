@@ -1,0 +1,81 @@
+"""ServingClient's failover against small real HTTP servers: a refused port, a process still starting (503 with
+X-Serving-Not-Ready) and one that answers. No database: the client needs only settings and an endpoint's id."""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+from django.test import override_settings
+
+from apps.endpoints.inference import ServingClient, ServingError
+from apps.endpoints.routing import rendezvous_order, serving_pool, serving_urls
+from tunehouse.localrun import free_port
+
+
+async def _http_server(status: int, body: dict, extra_headers: str = "") -> tuple[asyncio.Server, str, list]:
+    """A one-route HTTP/1.1 server answering every request the same; returns it, its URL and the requests' tokens."""
+    tokens: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        headers = {
+            name.lower(): value
+            for name, value in (line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        }
+        await reader.readexactly(int(headers.get("content-length", "0")))
+        tokens.append(headers.get("x-serving-token", ""))
+        payload = json.dumps(body).encode()
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+            f"{extra_headers}connection: close\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}", tokens
+
+
+@pytest.mark.asyncio
+async def test_requests_pass_over_refused_and_starting_processes_and_remember_them():
+    starting, starting_url, starting_tokens = await _http_server(
+        503, {"error": {"code": "serving_not_ready", "message": "starting"}}, "x-serving-not-ready: 1\r\n"
+    )
+    working, working_url, working_tokens = await _http_server(200, {"choices": [], "revision": 1})
+    refused_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    setting = ",".join([refused_url, starting_url, working_url])
+    # An endpoint that ranks the working process last, so the request meets both failures first.
+    public_id = next(
+        candidate
+        for candidate in (f"ep-{n}" for n in range(1000))
+        if rendezvous_order(candidate, serving_urls(setting))[-1] == working_url
+    )
+    endpoint = SimpleNamespace(public_id=public_id, max_replicas=1)
+    try:
+        with override_settings(SERVING_URL=setting, SERVING_TOKEN="tok", SERVING_FAILURE_BACKOFF_SECONDS=30):
+            for _ in range(3):
+                assert (await ServingClient(endpoint).post_json("/v1/generate", {}))["revision"] == 1
+            pool = serving_pool(setting, backoff_seconds=30)
+            assert pool.is_up(working_url) and not pool.is_up(refused_url) and not pool.is_up(starting_url)
+            assert [pool.in_flight(url) for url in pool.urls] == [0, 0, 0]
+            # Each failed process was tried once: afterwards it waits out its backoff behind the live one.
+            assert starting_tokens == ["tok"] and working_tokens == ["tok"] * 3
+    finally:
+        for server in (starting, working):
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_no_process_reachable_is_a_503_for_the_caller():
+    setting = f"http://127.0.0.1:{free_port()},http://127.0.0.1:{free_port()}"
+    endpoint = SimpleNamespace(public_id="ep-nowhere", max_replicas=1)
+    with (
+        override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30),
+        pytest.raises(ServingError) as raised,
+    ):
+        await ServingClient(endpoint).post_json("/v1/generate", {})
+    assert raised.value.status_code == 503 and raised.value.error_code == "serving_unavailable"
