@@ -183,7 +183,7 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
         model, config, device, packed=setup.train_source.packed is not None, steps_left=total_steps - state.step
     )
 
-    _announce_start(config, setup, callback, device, precision, total_steps, batch_size, accumulation)
+    _announce_start(config, setup, callback, device, precision, total_steps, batch_size, accumulation, compiled)
     evaluator = _Evaluator(config, setup, device, autocast, batch_size) if setup.validation is not None else None
     window = _MetricsWindow(device)
     resumed_from_step = state.step if resume_from is not None else None
@@ -873,6 +873,7 @@ def _announce_start(
     total_steps: int,
     batch_size: int,
     accumulation: int,
+    compiled: bool,
 ) -> None:
     source = setup.train_source
     if config.mode == "from_scratch":
@@ -889,7 +890,7 @@ def _announce_start(
         TrainingEvent(
             level="info",
             message=f"Training {what} for {config.task} on {layout}: {total_steps:,} steps of {batch_size} x "
-            f"{accumulation} on {device.type} ({precision}).",
+            f"{accumulation} on {device.type} ({precision}{', compiled' if compiled else ''}).",
             data={
                 "task": config.task,
                 "mode": config.mode,
@@ -904,6 +905,7 @@ def _announce_start(
                 "validation_examples": len(setup.validation.input_ids) if setup.validation is not None else 0,
                 "precision": precision,
                 "device": device.type,
+                "compiled": compiled,
             },
         )
     )

@@ -38,7 +38,7 @@ from tests.workers.ml.engine_fixtures import (
     train,
 )
 from workers.ml import checkpoint as checkpoints
-from workers.ml import modeling
+from workers.ml import engine, modeling
 from workers.ml.callbacks import NullCallback
 from workers.ml.config import INIT_SCHEMES, INVALID_HYPERPARAMETER, MISSING_REQUIRED_PARAMETER, TrainingConfig
 from workers.ml.data.samples import write_sample_datasets
@@ -53,7 +53,7 @@ from workers.ml.data.training_sets import (
     tokenize_like_config,
     trained_target_count,
 )
-from workers.ml.engine import REPORT_FILENAME, _prepare, run_training
+from workers.ml.engine import REPORT_FILENAME, _prepare, cpp_compiler_available, run_training
 from workers.ml.errors import TrainingDataError
 from workers.ml.model_cache import prepare_offline_model
 from workers.ml.train import main as train_main
@@ -947,3 +947,42 @@ def test_full_fine_tuning_of_minilm_exports_a_labelled_classifier(
     with torch.no_grad():
         logits = model(**tokenizer(["The film was wonderful."], return_tensors="pt")).logits
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+
+
+# --- Compiling on a CPU -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_a_compiled_cpu_run_trains_like_the_eager_one(samples: dict[str, str], tmp_path: Path) -> None:
+    """compile "on" on a CPU: the body compiled with GPT-2's eager attention, the loss's chunks compiled. Without
+    dropout (the compiled code draws its masks another way) the losses follow the eager run's to float rounding."""
+    with dropout_free_models():
+        eager, compiled = (
+            train(samples["corpus.txt"], tmp_path / name, max_steps=4, compile=name, precision="fp32")
+            for name in ("off", "on")
+        )
+    assert (eager.recorder.start["compiled"], compiled.recorder.start["compiled"]) == (False, True)
+    assert len(compiled.recorder.losses) == 4
+    assert compiled.recorder.losses == pytest.approx(eager.recorder.losses, rel=1e-3)
+    assert compiled.recorder.losses[-1] < compiled.recorder.losses[0]
+
+
+@pytest.mark.parametrize(
+    ("device", "packed", "steps_left", "compiler", "wanted"),
+    [
+        ("cuda", True, 10, False, True),  # packed rows on a GPU: always
+        ("cuda", False, 10_000, True, False),  # padded batches: a new shape per batch, never
+        ("cpu", True, 10_000, True, True),  # a long packed run on a CPU with a compiler
+        ("cpu", True, 50, True, False),  # too short to win the compile time back
+        ("cpu", True, 10_000, False, False),  # no C++ compiler: the CPU kernels cannot be built
+    ],
+)
+def test_auto_compiles_where_it_pays(
+    monkeypatch: pytest.MonkeyPatch, device: str, packed: bool, steps_left: int, compiler: bool, wanted: bool
+) -> None:
+    monkeypatch.setattr(engine, "cpp_compiler_available", lambda: compiler)
+    config = make_config("unused.txt", "unused", compile="auto")
+    assert engine._compile_wanted(config, torch.device(device), packed=packed, steps_left=steps_left) is wanted
+    for forced, expected in (("on", True), ("off", False)):
+        forced_config = make_config("unused.txt", "unused", compile=forced)
+        assert engine._compile_wanted(forced_config, torch.device(device), packed=packed, steps_left=1) is expected
