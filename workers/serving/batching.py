@@ -149,6 +149,90 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def host_values_on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor built on the host and copied to ``device`` without waiting for the device (a blocking copy would
+    stall the calling thread until the queued forward pass is done). Copies bound for a GPU go through pinned memory:
+    only such a copy leaves the thread free to go on while the device works (one from pageable memory may wait for
+    the device's queue first)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence], device: torch.device) -> torch.Tensor:
+    """One token per row of ``logits`` ([rows, vocabulary]), each with its sequence's temperature, top_p and
+    generator: ``[rows, 1]`` on ``device``. A row's token depends on its own logits and generator only, never on the
+    other rows."""
+    logits = logits.float()
+    greedy_tokens = logits.argmax(-1)
+    params = [s.params for s in sequences]
+    plain_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p >= 1]
+    nucleus_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+    if not plain_rows and not nucleus_rows:
+        return greedy_tokens[:, None]
+    temperatures = host_values_on_device([max(p.temperature, 1e-5) for p in params], torch.float32, device)
+    probabilities = torch.softmax(logits / temperatures[:, None], dim=-1)
+    # One uniform draw per row from the row's own generator (on the CPU, so a seed means the same draws on any
+    # device), then inverse-CDF sampling for the whole batch.
+    uniforms = host_values_on_device(
+        [torch.rand((), generator=s.generator).item() for s in sequences], torch.float32, device
+    )
+    tokens = greedy_tokens.clone()
+    if plain_rows:
+        rows = host_values_on_device(plain_rows, torch.long, device)
+        cumulative = probabilities[rows].cumsum(-1)
+        targets = uniforms[rows, None] * cumulative[:, -1:]
+        picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
+        tokens[rows] = picks.squeeze(1)
+    if nucleus_rows:
+        rows = host_values_on_device(nucleus_rows, torch.long, device)
+        top_ps = host_values_on_device([params[row].top_p for row in nucleus_rows], torch.float32, device)
+        sorted_probabilities, sorted_ids = probabilities[rows].sort(dim=-1, descending=True)
+        cumulative = sorted_probabilities.cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+        sorted_probabilities.masked_fill_((cumulative - sorted_probabilities) >= top_ps[:, None], 0)
+        cumulative = sorted_probabilities.cumsum(-1)
+        targets = uniforms[rows, None] * cumulative[:, -1:]
+        picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
+        tokens[rows] = sorted_ids.gather(1, picks).squeeze(1)
+    return tokens[:, None]
+
+
+def emit_progress(
+    sequence: Sequence, token: int, tokenizer, *, eos_token_id: int | None, max_positions: int | None = None
+) -> None:
+    """Send the new text of ``sequence`` after ``token`` joined its ``generated_ids``: the last event on
+    EOS, a stop token or a stop string (``stop``, the stop text left out) or at max_tokens / ``max_positions``
+    (``length``). Text that may be the start of a stop string is held back until it is known not to be one."""
+    ids = sequence.generated_ids
+    finish_reason = None
+    if token == eos_token_id or token in sequence.stop_token_ids:
+        finish_reason = "stop"
+        ids = ids[:-1]
+    elif len(ids) >= sequence.params.max_tokens or (
+        max_positions and len(sequence.prompt_ids) + len(ids) >= max_positions
+    ):
+        finish_reason = "length"
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    for stop in sequence.params.stop:
+        found = text.find(stop, max(0, sequence.emitted_chars - len(stop)))
+        if found != -1:
+            text, finish_reason = text[:found], "stop"
+    if finish_reason is None:
+        # Hold back what may be the start of a stop string or an unfinished multi-byte character.
+        held_back = max((len(stop) - 1 for stop in sequence.params.stop), default=0)
+        safe_end = len(text) - held_back
+        if text.endswith("\ufffd"):
+            safe_end = min(safe_end, len(text) - 1)
+        if safe_end <= sequence.emitted_chars:
+            return
+        delta = text[sequence.emitted_chars : safe_end]
+        sequence.emitted_chars = safe_end
+    else:
+        delta = text[sequence.emitted_chars :]
+        sequence.emitted_chars = len(text)
+        sequence.finished = True
+    sequence.emit(TokenEvent(sequence.index, delta, finish_reason, len(sequence.generated_ids)))
+
+
 class GenerationScheduler:
     """Owns one causal LM (possibly a PeftModel with several adapters) and decodes everything submitted to it."""
 
@@ -163,9 +247,6 @@ class GenerationScheduler:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        # Host copies bound for a GPU go through pinned memory: only such a copy leaves this thread free to go on
-        # while the device works (one from pageable memory may wait for the device's queue first).
-        self._pin_host_copies = self.device.type == "cuda"
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_positions = max_positions
@@ -278,7 +359,7 @@ class GenerationScheduler:
             position_ids=position_ids,
             past_key_values=_new_cache(),
         )
-        next_tokens = self._sample(outputs.logits[:, -1, :], sequences)
+        next_tokens = sample_next_tokens(outputs.logits[:, -1, :], sequences, self.device)
         batch = self._batches.setdefault(adapter_name, _Batch())
         first_new_row = len(batch.sequences)  # joined rows go below the running ones
         self._join(batch, sequences, outputs.past_key_values, attention_mask, next_tokens)
@@ -320,47 +401,11 @@ class GenerationScheduler:
         )
         batch.cache = outputs.past_key_values
         batch.attention_mask = attention_mask
-        batch.next_tokens = self._sample(outputs.logits[:, -1, :], batch.sequences)
+        batch.next_tokens = sample_next_tokens(outputs.logits[:, -1, :], batch.sequences, self.device)
         self._after_sampling(batch)
 
     def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small tensor built on the host and copied to the model's device without waiting for the device (a
-        blocking copy would stall this thread until the queued forward pass is done)."""
-        return torch.tensor(values, dtype=dtype, pin_memory=self._pin_host_copies).to(self.device, non_blocking=True)
-
-    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
-        """One token per row, each with the row's temperature, top_p and generator."""
-        logits = logits.float()
-        greedy_tokens = logits.argmax(-1)
-        params = [s.params for s in sequences]
-        plain_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p >= 1]
-        nucleus_rows = [row for row, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
-        if not plain_rows and not nucleus_rows:
-            return greedy_tokens[:, None]
-        temperatures = self._on_device([max(p.temperature, 1e-5) for p in params], torch.float32)
-        probabilities = torch.softmax(logits / temperatures[:, None], dim=-1)
-        # One uniform draw per row from the row's own generator (on the CPU, so a seed means the same draws on any
-        # device), then inverse-CDF sampling for the whole batch.
-        uniforms = self._on_device([torch.rand((), generator=s.generator).item() for s in sequences], torch.float32)
-        tokens = greedy_tokens.clone()
-        if plain_rows:
-            rows = self._on_device(plain_rows, torch.long)
-            cumulative = probabilities[rows].cumsum(-1)
-            targets = uniforms[rows, None] * cumulative[:, -1:]
-            picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
-            tokens[rows] = picks.squeeze(1)
-        if nucleus_rows:
-            rows = self._on_device(nucleus_rows, torch.long)
-            top_ps = self._on_device([params[row].top_p for row in nucleus_rows], torch.float32)
-            sorted_probabilities, sorted_ids = probabilities[rows].sort(dim=-1, descending=True)
-            cumulative = sorted_probabilities.cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
-            sorted_probabilities.masked_fill_((cumulative - sorted_probabilities) >= top_ps[:, None], 0)
-            cumulative = sorted_probabilities.cumsum(-1)
-            targets = uniforms[rows, None] * cumulative[:, -1:]
-            picks = torch.searchsorted(cumulative, targets).clamp(max=logits.shape[-1] - 1)
-            tokens[rows] = sorted_ids.gather(1, picks).squeeze(1)
-        return tokens[:, None]
+        return host_values_on_device(values, dtype, self.device)
 
     def _after_sampling(self, batch: _Batch, first_new_row: int = 0) -> None:
         """Hand each new token (rows from ``first_new_row`` on) to its request; drop finished and cancelled rows.
@@ -376,7 +421,13 @@ class GenerationScheduler:
             if row >= first_new_row:
                 token = new_tokens[row - first_new_row]
                 sequence.generated_ids.append(token)
-                self._emit_progress(sequence, token)
+                emit_progress(
+                    sequence,
+                    token,
+                    self.tokenizer,
+                    eos_token_id=self.eos_token_id,
+                    max_positions=self.max_positions,
+                )
             if not sequence.finished:
                 keep.append(row)
         if len(keep) == len(batch.sequences):
@@ -397,37 +448,6 @@ class GenerationScheduler:
         )
         batch.next_tokens = batch.next_tokens[rows]
         batch.sequences = [batch.sequences[row] for row in keep]
-
-    def _emit_progress(self, sequence: Sequence, token: int) -> None:
-        ids = sequence.generated_ids
-        finish_reason = None
-        if token == self.eos_token_id or token in sequence.stop_token_ids:
-            finish_reason = "stop"
-            ids = ids[:-1]
-        elif len(ids) >= sequence.params.max_tokens or (
-            self.max_positions and len(sequence.prompt_ids) + len(ids) >= self.max_positions
-        ):
-            finish_reason = "length"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        for stop in sequence.params.stop:
-            found = text.find(stop, max(0, sequence.emitted_chars - len(stop)))
-            if found != -1:
-                text, finish_reason = text[:found], "stop"
-        if finish_reason is None:
-            # Hold back what may be the start of a stop string or an unfinished multi-byte character.
-            held_back = max((len(stop) - 1 for stop in sequence.params.stop), default=0)
-            safe_end = len(text) - held_back
-            if text.endswith("\ufffd"):
-                safe_end = min(safe_end, len(text) - 1)
-            if safe_end <= sequence.emitted_chars:
-                return
-            delta = text[sequence.emitted_chars : safe_end]
-            sequence.emitted_chars = safe_end
-        else:
-            delta = text[sequence.emitted_chars :]
-            sequence.emitted_chars = len(text)
-            sequence.finished = True
-        sequence.emit(TokenEvent(sequence.index, delta, finish_reason, len(sequence.generated_ids)))
 
     def _finish(self, sequence: Sequence, reason: str, *, error: bool = False) -> None:
         if sequence.finished:

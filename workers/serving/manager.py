@@ -335,7 +335,13 @@ class ModelManager:
                 wait_seconds=self.config.classify_wait_seconds,
             )
         elif deployment.task == SEQ2SEQ:
-            runner = Seq2SeqRunner(model, tokenizer)
+            runner = Seq2SeqRunner(
+                model,
+                tokenizer,
+                max_batch_size=self.config.max_batch_size,
+                gather_seconds=self.config.seq2seq_gather_seconds,
+                name=deployment.endpoint,
+            )
         else:
             raise ModelLoadError(f"Unknown task {deployment.task!r}.")
         return ServedModel(deployment, tokenizer, runner, memory_bytes, positions)

@@ -57,6 +57,24 @@ def classifier_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+@pytest.fixture(scope="session")
+def t5_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny T5 trained long enough (~20 s on 2 cores) that greedy translations end with EOS before max_tokens."""
+    folder = tmp_path_factory.mktemp("serving-t5")
+    samples = write_sample_datasets(str(folder / "samples"))
+    run = train(
+        samples["translation.tsv"],
+        folder / "model",
+        task="seq2seq",
+        architecture="t5",
+        max_steps=1000,
+        learning_rate=5e-3,
+        log_every_steps=250,
+    )
+    assert run.result.output_dir is not None
+    return Path(run.result.output_dir)
+
+
 @pytest.fixture
 def upload(store: LocalFolderStore):
     """Store a model folder under a fresh prefix, as a finished training job does; returns the prefix."""
