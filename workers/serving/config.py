@@ -69,7 +69,25 @@ class ServingConfig:
             dtype=dtype_from_setting(env.get("SERVING_DTYPE") or "auto", device),
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{port}",
             advertised_url=(env.get("SERVING_ADVERTISE_URL") or default_advertised_url(host, port)).rstrip("/"),
+            max_batch_size=_positive(env, "SERVING_MAX_BATCH_SIZE", int, cls.max_batch_size),
+            classify_wait_seconds=_positive(env, "SERVING_CLASSIFY_WAIT_SECONDS", float, cls.classify_wait_seconds),
+            seq2seq_gather_seconds=_positive(env, "SERVING_SEQ2SEQ_GATHER_SECONDS", float, cls.seq2seq_gather_seconds),
         )
+
+
+def _positive(env: Mapping[str, str], name: str, kind: type, default):
+    """A positive setting from the environment (unset or empty: ``default``); anything else stops the process at
+    start with the variable's name, rather than serving with a value nobody meant."""
+    raw = env.get(name) or ""
+    if not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise ValueError(f"{name} must be a positive {'whole ' if kind is int else ''}number, not {raw!r}.")
+    return value
 
 
 def default_advertised_url(host: str, port: int) -> str:

@@ -54,6 +54,21 @@ def test_an_unknown_value_is_refused_naming_its_variable(variable, value):
         ServingConfig.from_env({"SERVING_DEVICE": "cpu", variable: value})
 
 
+def test_batching_settings_come_from_the_environment_and_bad_ones_stop_the_start():
+    config = ServingConfig.from_env(
+        {"SERVING_DEVICE": "cpu", "SERVING_MAX_BATCH_SIZE": "16", "SERVING_SEQ2SEQ_GATHER_SECONDS": "0.02"}
+    )
+    assert (config.max_batch_size, config.seq2seq_gather_seconds) == (16, 0.02)
+    assert config.classify_wait_seconds == ServingConfig.classify_wait_seconds  # unset: the default
+    for variable, value in (
+        ("SERVING_MAX_BATCH_SIZE", "0"),
+        ("SERVING_MAX_BATCH_SIZE", "2.5"),
+        ("SERVING_CLASSIFY_WAIT_SECONDS", "soon"),
+    ):
+        with pytest.raises(ValueError, match=f"{variable} must be a positive"):
+            ServingConfig.from_env({"SERVING_DEVICE": "cpu", variable: value})
+
+
 def test_cuda_without_a_gpu_fails_at_start_saying_what_to_set(without_gpu):
     with pytest.raises(RuntimeError, match="SERVING_DEVICE is cuda, but torch sees no CUDA GPU.*set SERVING_DEVICE"):
         ServingConfig.from_env({"SERVING_DEVICE": "cuda"})
