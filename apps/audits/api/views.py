@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.core.api.base import TenantAPIView
+from apps.core.api.bodies import request_object
 from apps.core.api.errors import ApiError
 from apps.core.api.pagination import cursor_page, list_page, parse_limit
 from apps.core.api.schema import ERROR_RESPONSES, PAGE_PARAMETERS, ErrorSerializer
@@ -55,23 +56,6 @@ REVIEW_STATES = ("pending", "all")
 _JOB_ID_PARAMETER = OpenApiParameter("public_id", str, OpenApiParameter.PATH, description="The job id (ftjob-...).")
 _AUDIT_ID_PARAMETER = OpenApiParameter("public_id", str, OpenApiParameter.PATH, description="The audit id (audit-...).")
 _STAFF_RESPONSES = {400: ErrorSerializer, 403: ErrorSerializer, 404: ErrorSerializer, 409: ErrorSerializer}
-
-
-def _body(request, allowed: tuple[str, ...]) -> dict:
-    body = request.data
-    # A form-encoded body arrives as a QueryDict; its `.dict()` keeps the last value of each field, as DRF does.
-    if hasattr(body, "dict") and callable(body.dict):
-        body = body.dict()
-    if not isinstance(body, dict):
-        raise ApiError("The request body must be a JSON object.")
-    for name in body:
-        if name not in allowed:
-            raise ApiError(
-                f"Unrecognized request argument supplied: {name}. Known: {', '.join(allowed)}.",
-                code="unknown_parameter",
-                param=name,
-            )
-    return body
 
 
 def _string(value, param: str) -> str | None:
@@ -146,7 +130,7 @@ class JobAuditsView(TenantAPIView):
     )
     def post(self, request, public_id):
         job = self.get_object()
-        body = _body(request, AUDIT_PARAMETERS)
+        body = request_object(request, AUDIT_PARAMETERS)
         reference_model = body.get("reference_model")
         if reference_model is not None and not isinstance(reference_model, str):
             raise ApiError("reference_model must be a string (blank for absolute values).", param="reference_model")
@@ -217,7 +201,7 @@ class AuditPolicyView(TenantAPIView):
                 code="permission_denied",
                 status_code=403,
             )
-        body = _body(request, POLICY_PARAMETERS)
+        body = request_object(request, POLICY_PARAMETERS)
         policy = audit_policy_update(tenant=self.tenant, user=context.user, **body)
         return Response(policy_to_json(policy))
 
@@ -310,7 +294,7 @@ class ReviewDecisionsView(ReviewView):
     )
     def post(self, request, public_id):
         audit = self.audit(public_id)
-        body = _body(request, DECISION_PARAMETERS)
+        body = request_object(request, DECISION_PARAMETERS)
         decision = review_decide(
             reviewer=_caller(request),
             audit=audit,

@@ -13,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.core.api.base import TenantAPIView
+from apps.core.api.bodies import request_object
 from apps.core.api.errors import ApiError
 from apps.core.api.schema import ERROR_RESPONSES, ErrorSerializer
 from apps.endpoints.limits import tenant_inference_limits
@@ -29,22 +30,6 @@ LIMITS_DESCRIPTION = (
 )
 _KEY_ID = OpenApiParameter("public_id", str, OpenApiParameter.PATH, description="The key id (key-...).")
 _MANAGE_RESPONSES = {403: ErrorSerializer, **ERROR_RESPONSES}
-
-
-def _body(request, allowed: tuple[str, ...]) -> dict:
-    body = request.data
-    if hasattr(body, "dict") and callable(body.dict):
-        body = body.dict()
-    if not isinstance(body, dict):
-        raise ApiError("The request body must be a JSON object.")
-    for name in body:
-        if name not in allowed:
-            raise ApiError(
-                f"Unrecognized request argument supplied: {name}. Known: {', '.join(allowed)}.",
-                code="unknown_parameter",
-                param=name,
-            )
-    return body
 
 
 def _limits(body: dict) -> dict:
@@ -85,7 +70,7 @@ class ApiKeyListCreateView(ApiKeyView):
     )
     def post(self, request):
         self.ensure_can_manage()
-        body = _body(request, API_KEY_PARAMETERS)
+        body = request_object(request, API_KEY_PARAMETERS)
         name = body.get("name")
         if not isinstance(name, str):
             raise ApiError("Missing required parameter: 'name'.", code="missing_required_parameter", param="name")
@@ -116,7 +101,7 @@ class ApiKeyDetailView(ApiKeyView):
     def post(self, request, public_id):
         api_key = self.get_object()  # another tenant's id: 404 before any permission question
         self.ensure_can_manage()
-        body = _body(request, API_KEY_PARAMETERS)
+        body = request_object(request, API_KEY_PARAMETERS)
         updated = api_key_update(
             tenant=self.tenant, public_id=api_key.public_id, name=body.get("name"), limits=_limits(body)
         )
@@ -161,6 +146,6 @@ class OrganizationLimitsView(APIView):
     )
     def post(self, request, slug):
         tenant = get_object_or_404(Tenant, slug=slug)
-        body = _body(request, INFERENCE_LIMIT_FIELDS)
+        body = request_object(request, INFERENCE_LIMIT_FIELDS)
         tenant = tenant_inference_limits_update(tenant=tenant, limits=body)
         return Response(tenant_limits_to_json(tenant, tenant_inference_limits(tenant)))

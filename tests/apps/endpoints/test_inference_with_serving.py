@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from tests.apps.endpoints.test_limits import RATE_HEADERS
 from tests.corpus import english_corpus
 from tests.test_openai_sdk import FINISHED, _wait_for_status
 
@@ -115,16 +116,6 @@ def test_redeploying_while_clients_run_fails_no_request(
     assert failures == []
     assert answered_at_swap > 0 and len(answered) > answered_at_swap
     assert client.get(f"/endpoints/{endpoint['id']}", cast_to=object)["revision"] == 2
-
-
-RATE_HEADERS = (
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-)
 
 
 def test_token_quotas_hold_for_concurrent_sdk_clients_and_unused_tokens_come_back(
