@@ -186,7 +186,14 @@ class ServingApp:
         if not isinstance(endpoint, str) or not endpoint:
             raise _bad("endpoint", "endpoint must be the endpoint id (ep-…).")
         try:
-            return await self.service.manager.acquire(endpoint)
+            try:
+                return await self.service.manager.acquire(endpoint)
+            except EndpointNotFound:
+                # A deployment made a moment ago may not have reached this process yet (the registry's change
+                # message is on its way, or was missed until the next poll), while the web already routes requests
+                # to it: read the registry once more before answering that it does not exist.
+                await asyncio.to_thread(self.service.watcher.refresh)
+                return await self.service.manager.acquire(endpoint)
         except EndpointNotFound:
             raise ApiError(
                 404, "endpoint_not_found", f"No active deployment for endpoint {endpoint!r}.", "endpoint"

@@ -101,14 +101,13 @@ def make_app(storage_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkey
 
     def make(**overrides) -> ServingApp:
         config = ServingConfig.from_env()
-        config = dataclasses.replace(
-            config,
-            cache_dir=tmp_path_factory.mktemp("serving-cache"),
-            instance_id=f"test:{uuid.uuid4().hex[:8]}",
-            registry_poll_seconds=0.5,
-            threads=1,
-            **overrides,
-        )
+        defaults = {
+            "cache_dir": tmp_path_factory.mktemp("serving-cache"),
+            "instance_id": f"test:{uuid.uuid4().hex[:8]}",
+            "registry_poll_seconds": 0.5,
+            "threads": 1,
+        }
+        config = dataclasses.replace(config, **{**defaults, **overrides})
         app = ServingApp(config)
         app.service.start()
         started.append(app)

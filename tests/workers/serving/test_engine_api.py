@@ -186,6 +186,25 @@ async def test_unknown_and_stopped_endpoints_answer_404(app, client, gpt2_endpoi
     assert _status(redis_client, gpt2_endpoint, app.config.instance_id)["state"] == "unloaded"
 
 
+async def test_a_deployment_this_process_has_not_heard_of_yet_is_served_not_refused(
+    make_app, redis_client, upload, gpt2_folder
+):
+    """The web routes to a process as soon as the endpoint is deployed; the process may not have had the registry's
+    change message yet (or missed it). It reads the registry again before answering 404."""
+    app = make_app(registry_poll_seconds=3600)  # no poll will bring the deployment in during this test
+    client = AsgiClient(app)
+    await wait_for(lambda: app.service.knows_deployments, what="the first registry read")
+    endpoint = new_endpoint()
+    record = deployment_record(endpoint, upload(gpt2_folder))
+    redis_client.hset("serving:deployments", endpoint, json.dumps(record))  # written, never announced
+    assert endpoint not in app.service.manager.deployments
+
+    response = await client.generate(endpoint=endpoint, prompt=PROMPT, max_tokens=2)
+
+    assert response.status == 200, response.json()
+    assert (await client.generate(endpoint="ep-nothing-here", prompt=PROMPT)).status == 404
+
+
 async def test_a_model_that_cannot_load_answers_503_with_the_error(app, client, redis_client):
     endpoint = new_endpoint()
     await deploy(app, redis_client, deployment_record(endpoint, "tenants/1/models/missing"))
