@@ -243,9 +243,10 @@ class TrainingConfig:
     """``"auto"``: bf16 autocast on GPUs that support it, fp32 on CPU; or ``"fp32"``, ``"bf16"``, ``"fp16"``
     (CUDA only, with loss scaling)."""
     compile: str = "auto"
-    """``torch.compile`` the model: ``"on"``, ``"off"`` or ``"auto"``: packed rows on CUDA, and on a CPU runs of
-    at least 200 steps where a C++ compiler is installed (compiling takes seconds, which short runs would not win
-    back); padded batches never (every new shape would compile again)."""
+    """``torch.compile`` the model: ``"on"``, ``"off"`` or ``"auto"``: packed rows on CUDA, and on a CPU packed
+    from-scratch runs of at least 200 steps where a C++ compiler is installed (those compile in seconds, which short
+    runs would not win back; catalog models take minutes); padded batches never (every new shape would compile
+    again)."""
     seed: int = 0
     """Seeds initialisation, dropout, the split and the data order: same seed, config and data, same losses."""
     early_stopping_metric: str | None = None

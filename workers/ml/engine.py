@@ -1255,8 +1255,15 @@ def _compile_wanted(config: TrainingConfig, device: torch.device, *, packed: boo
     if device.type == "cuda":
         return True
     # On a CPU the compiler writes C++ and needs a compiler for it; a short run would spend more compiling than it
-    # saves.
-    return device.type == "cpu" and steps_left >= _CPU_COMPILE_MIN_STEPS and cpp_compiler_available()
+    # saves. Only the platform's own from-scratch architectures: they compile in seconds, while a catalog model
+    # takes minutes (LoRA on SmolLM2-135M: over two minutes on this 2-core machine for the same losses), which a few
+    # hundred CPU steps do not win back.
+    return (
+        device.type == "cpu"
+        and config.mode == "from_scratch"
+        and steps_left >= _CPU_COMPILE_MIN_STEPS
+        and cpp_compiler_available()
+    )
 
 
 def cpp_compiler_available() -> bool:

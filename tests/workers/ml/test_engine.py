@@ -968,20 +968,28 @@ def test_a_compiled_cpu_run_trains_like_the_eager_one(samples: dict[str, str], t
 
 
 @pytest.mark.parametrize(
-    ("device", "packed", "steps_left", "compiler", "wanted"),
+    ("device", "mode", "packed", "steps_left", "compiler", "wanted"),
     [
-        ("cuda", True, 10, False, True),  # packed rows on a GPU: always
-        ("cuda", False, 10_000, True, False),  # padded batches: a new shape per batch, never
-        ("cpu", True, 10_000, True, True),  # a long packed run on a CPU with a compiler
-        ("cpu", True, 50, True, False),  # too short to win the compile time back
-        ("cpu", True, 10_000, False, False),  # no C++ compiler: the CPU kernels cannot be built
+        ("cuda", "lora", True, 10, False, True),  # packed rows on a GPU: always
+        ("cuda", "from_scratch", False, 10_000, True, False),  # padded batches: a new shape per batch, never
+        ("cpu", "from_scratch", True, 10_000, True, True),  # a long packed run on a CPU with a compiler
+        ("cpu", "from_scratch", True, 50, True, False),  # too short to win the compile time back
+        ("cpu", "from_scratch", True, 10_000, False, False),  # no C++ compiler: the CPU kernels cannot be built
+        ("cpu", "lora", True, 10_000, True, False),  # a catalog model compiles for minutes on a CPU
     ],
 )
 def test_auto_compiles_where_it_pays(
-    monkeypatch: pytest.MonkeyPatch, device: str, packed: bool, steps_left: int, compiler: bool, wanted: bool
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    mode: str,
+    packed: bool,
+    steps_left: int,
+    compiler: bool,
+    wanted: bool,
 ) -> None:
     monkeypatch.setattr(engine, "cpp_compiler_available", lambda: compiler)
-    config = make_config("unused.txt", "unused", compile="auto")
+    fine_tuning = {} if mode == "from_scratch" else {"base_model": "unused-base"}
+    config = make_config("unused.txt", "unused", compile="auto", mode=mode, **fine_tuning)
     assert engine._compile_wanted(config, torch.device(device), packed=packed, steps_left=steps_left) is wanted
     for forced, expected in (("on", True), ("off", False)):
         forced_config = make_config("unused.txt", "unused", compile=forced)
