@@ -429,7 +429,7 @@ def main() -> None:
 
     import torch
 
-    from workers.ml.engine import cpp_compiler_available
+    from workers.ml.engine import cpu_compile_works
     from workers.ml.packed_gpt2 import KERNELS, choose_kernel
     from workers.ml.tokenizer_training import train_byte_level_bpe
 
@@ -458,7 +458,7 @@ def main() -> None:
     # more (where a C++ compiler is installed), so the engine is given what auto gives such a run.
     engine_compile = arguments.compile
     if engine_compile == "auto" and not cuda:
-        engine_compile = "on" if cpp_compiler_available() else "off"
+        engine_compile = "on" if cpu_compile_works() else "off"
 
     with tempfile.TemporaryDirectory(prefix="tunehouse-bench-") as temporary:
         folder = Path(temporary)

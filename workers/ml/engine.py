@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -1262,15 +1263,31 @@ def _compile_wanted(config: TrainingConfig, device: torch.device, *, packed: boo
         device.type == "cpu"
         and config.mode == "from_scratch"
         and steps_left >= _CPU_COMPILE_MIN_STEPS
-        and cpp_compiler_available()
+        and cpu_compile_works()
     )
 
 
 def cpp_compiler_available() -> bool:
-    """Whether torch.compile can build its CPU kernels here (it calls a C++ compiler: ``CXX``, g++, c++ or
+    """Whether a C++ compiler is installed (torch.compile builds its CPU kernels with one: ``CXX``, g++, c++ or
     clang++)."""
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(shutil.which(candidate) for candidate in candidates if candidate)
+
+
+@functools.cache
+def cpu_compile_works() -> bool:
+    """Whether torch.compile builds and runs a CPU kernel here, tried once per process on a tiny function: an
+    installed compiler can still fail (missing headers, a version torch refuses), and a run that auto chose to
+    compile must then stay eager rather than fail at its first step. A cached kernel from an earlier run counts as
+    working, since this machine built it."""
+    if not cpp_compiler_available():
+        return False
+    try:
+        probe = torch.compile(lambda values: functional.gelu(values) * 2.0, dynamic=False)
+        probe(torch.ones(8))
+    except Exception:  # noqa: BLE001 - any failure to build means: do not compile here
+        return False
+    return True
 
 
 def _limit_cpu_threads() -> None:

@@ -974,7 +974,7 @@ def test_a_compiled_cpu_run_trains_like_the_eager_one(samples: dict[str, str], t
         ("cuda", "from_scratch", False, 10_000, True, False),  # padded batches: a new shape per batch, never
         ("cpu", "from_scratch", True, 10_000, True, True),  # a long packed run on a CPU with a compiler
         ("cpu", "from_scratch", True, 50, True, False),  # too short to win the compile time back
-        ("cpu", "from_scratch", True, 10_000, False, False),  # no C++ compiler: the CPU kernels cannot be built
+        ("cpu", "from_scratch", True, 10_000, False, False),  # the CPU kernels cannot be built here
         ("cpu", "lora", True, 10_000, True, False),  # a catalog model compiles for minutes on a CPU
     ],
 )
@@ -987,10 +987,25 @@ def test_auto_compiles_where_it_pays(
     compiler: bool,
     wanted: bool,
 ) -> None:
-    monkeypatch.setattr(engine, "cpp_compiler_available", lambda: compiler)
+    monkeypatch.setattr(engine, "cpu_compile_works", lambda: compiler)
     fine_tuning = {} if mode == "from_scratch" else {"base_model": "unused-base"}
     config = make_config("unused.txt", "unused", compile="auto", mode=mode, **fine_tuning)
     assert engine._compile_wanted(config, torch.device(device), packed=packed, steps_left=steps_left) is wanted
     for forced, expected in (("on", True), ("off", False)):
         forced_config = make_config("unused.txt", "unused", compile=forced)
         assert engine._compile_wanted(forced_config, torch.device(device), packed=packed, steps_left=1) is expected
+
+
+def test_a_machine_whose_compiler_fails_is_found_out_before_a_run_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that is there but cannot build (here: /bin/false) makes the probe say no, so auto keeps the run
+    eager instead of failing at its first step."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/bin/false"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a kernel cached earlier would hide the failure
+    engine.cpu_compile_works.cache_clear()
+    try:
+        assert engine.cpu_compile_works() is False
+    finally:
+        engine.cpu_compile_works.cache_clear()
+        torch._dynamo.reset()
