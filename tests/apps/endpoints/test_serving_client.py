@@ -79,3 +79,37 @@ async def test_no_process_reachable_is_a_503_for_the_caller():
     ):
         await ServingClient(endpoint).post_json("/v1/generate", {})
     assert raised.value.status_code == 503 and raised.value.error_code == "serving_unavailable"
+
+
+@pytest.mark.asyncio
+async def test_a_connection_broken_below_httpx_fails_over_instead_of_a_500(monkeypatch):
+    """When a process is killed while a connection to it opens, the error can come from below httpx (anyio raised
+    AttributeError on a socket already gone, in CI): it must count as one more unreachable process."""
+    import httpx
+
+    working, working_url, _ = await _http_server(200, {"choices": [], "revision": 1})
+    broken_url = f"http://127.0.0.1:{free_port()}"
+    setting = ",".join([broken_url, working_url])
+    public_id = next(
+        candidate
+        for candidate in (f"ep-{n}" for n in range(1000))
+        if rendezvous_order(candidate, serving_urls(setting))[0] == broken_url
+    )
+    original_send = httpx.AsyncClient.send
+
+    async def send(client, request, **kwargs):
+        if str(request.url).startswith(broken_url):
+            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+        return await original_send(client, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", send)
+    try:
+        with override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30):
+            answer = await ServingClient(SimpleNamespace(public_id=public_id, max_replicas=1)).post_json("/v1/x", {})
+            assert answer["revision"] == 1
+            pool = serving_pool(setting, backoff_seconds=30)
+            assert not pool.is_up(broken_url) and pool.is_up(working_url)
+            assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
+    finally:
+        working.close()
+        await working.wait_closed()
