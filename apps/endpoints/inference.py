@@ -288,22 +288,14 @@ class ServingClient:
             except httpx.ReadTimeout as error:
                 await self._abandon(url, client)
                 raise _unavailable(type(error).__name__) from error
-            except httpx.TransportError as error:  # refused, reset, connect timeout, died before answering
-                await self._abandon(url, client)
-                self.pool.mark_failed(url)
-                logger.warning("serving at %s failed (%s); trying the next process", url, type(error).__name__)
-                failure = type(error).__name__
-                continue
-            except httpx.HTTPError as error:  # not a transport failure (a malformed URL): another try gives the same
-                await self._abandon(url, client)
-                raise _unavailable(type(error).__name__) from error
             except Exception as error:  # noqa: BLE001
-                # A connection the process reset while it was being opened can surface from below httpx as another
-                # error (seen in CI when a serving process was SIGKILLed: anyio's AttributeError on a socket already
-                # gone, a 500 for the caller). Nothing came back yet, so it is one more failure to reach this process.
+                # Refused, reset, connect timeout, died before answering: nothing came back yet, so the next process
+                # may answer. Not only httpx's TransportError: a connection the process reset while it was being
+                # opened can surface from below httpx as another error (seen in CI when a serving process was
+                # SIGKILLed: anyio's AttributeError on a socket already gone, a 500 for the caller).
                 await self._abandon(url, client)
                 self.pool.mark_failed(url)
-                logger.warning("serving at %s failed (%r); trying the next process", url, error, exc_info=True)
+                logger.warning("serving at %s failed (%r); trying the next process", url, error)
                 failure = type(error).__name__
                 continue
             except BaseException:  # the caller went away (cancelled): its count must not stay in flight

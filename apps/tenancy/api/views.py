@@ -32,10 +32,6 @@ _KEY_ID = OpenApiParameter("public_id", str, OpenApiParameter.PATH, description=
 _MANAGE_RESPONSES = {403: ErrorSerializer, **ERROR_RESPONSES}
 
 
-def _limits(body: dict) -> dict:
-    return {name: body[name] for name in INFERENCE_LIMIT_FIELDS if name in body}
-
-
 class ApiKeyView(TenantAPIView):
     model = ApiKey
 
@@ -74,7 +70,7 @@ class ApiKeyListCreateView(ApiKeyView):
         name = body.get("name")
         if not isinstance(name, str):
             raise ApiError("Missing required parameter: 'name'.", code="missing_required_parameter", param="name")
-        created = api_key_create(tenant=self.tenant, user=self.tenant_context.user, name=name, limits=_limits(body))
+        created = api_key_create(tenant=self.tenant, user=self.tenant_context.user, name=name, limits=body)
         return Response(api_key_to_json(created.api_key, secret=created.secret), status=201)
 
 
@@ -102,9 +98,7 @@ class ApiKeyDetailView(ApiKeyView):
         api_key = self.get_object()  # another tenant's id: 404 before any permission question
         self.ensure_can_manage()
         body = request_object(request, API_KEY_PARAMETERS)
-        updated = api_key_update(
-            tenant=self.tenant, public_id=api_key.public_id, name=body.get("name"), limits=_limits(body)
-        )
+        updated = api_key_update(tenant=self.tenant, public_id=api_key.public_id, name=body.get("name"), limits=body)
         return Response(api_key_to_json(updated))
 
     @extend_schema(
