@@ -68,7 +68,9 @@ def t5_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         task="seq2seq",
         architecture="t5",
         max_steps=1000,
-        learning_rate=5e-3,
+        # 5e-3 collapsed on an Intel Xeon (every input gave the same EOS-free text) where it had trained on an AMD
+        # EPYC: the runs' rounding differs; 2e-3 trains on both.
+        learning_rate=2e-3,
         log_every_steps=250,
     )
     assert run.result.output_dir is not None
