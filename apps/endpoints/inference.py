@@ -364,6 +364,12 @@ class ServingStream:
             if isinstance(event, dict):
                 yield event
 
+    def forget(self) -> None:
+        """Stop counting the stream as in flight without closing it (its event loop is gone: nothing can)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
     async def close(self) -> None:
         """Idempotent: the relay closes the stream when it ends and again in its `finally`."""
         on_close, self._on_close = self._on_close, None

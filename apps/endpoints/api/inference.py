@@ -6,8 +6,12 @@ chunks. Authentication is the same as the REST API's: an API key (`Authorization
 session with its CSRF token. Errors use OpenAI's shape.
 """
 
+import asyncio
+import concurrent.futures
 import json
+import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -35,6 +39,8 @@ from ..limits import RateLimited, Reservation, inference_reserve, inference_sett
 from ..models import Endpoint, RequestKind
 from ..selectors import endpoint_for_model
 from ..services import endpoint_request_record
+
+logger = logging.getLogger(__name__)
 
 
 def _error_response(error: ApiError) -> JsonResponse:
@@ -199,88 +205,121 @@ async def _generate(request: HttpRequest, *, chat: bool):
         return admitted.rate_limit_headers(
             JsonResponse(completion_json(result, completion_id=completion_id, model=admitted.model, chat=chat))
         )
-    response = StreamingHttpResponse(
-        _relay(stream, admitted, chat=chat, completion_id=completion_id, started=started),
-        content_type="text/event-stream",
-    )
+    relay = _Relay(stream, admitted, chat=chat, completion_id=completion_id, started=started)
+    response = _RelayResponse(relay.chunks(), relay, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back
     return admitted.rate_limit_headers(response)
 
 
-async def _relay(stream, admitted: _Admitted, *, chat: bool, completion_id: str, started: float):
-    """Serving's events as OpenAI chunks; the usage row is written once however the stream ends (client gone too)."""
-    created = int(time.time())
-    include_usage = admitted.generation.include_usage
-    usage, first_token_at, seen_indexes = None, None, set()
-    status_code, error_code = 200, ""
-    recorded = False
+# Relays finished from outside their loop (see _Relay.finish_soon): referenced until done.
+_finishing: set[concurrent.futures.Future] = set()
 
-    async def record_once():
-        nonlocal recorded
-        if recorded:
-            return
-        recorded = True
-        await sync_to_async(_record)(
-            admitted.context,
-            admitted.endpoint,
-            chat=chat,
-            status_code=status_code,
-            started=started,
-            usage=usage,
-            first_token_at=first_token_at,
-            error_code=error_code,
-            reservation=admitted.reservation,
-            # Text went out but serving's count did not come (client gone, stream broken): charge the worst case.
-            usage_unknown=usage is None and first_token_at is not None,
+
+class _Relay:
+    """Serving's events as OpenAI chunks (``chunks``); the request is metered and serving's stream closed once
+    however it ends: at the end of the stream, or in the generator's ``finally`` when the client goes away or serving
+    breaks off mid-stream.
+
+    A client that leaves before Django starts iterating (while middleware still runs after the view, or while the
+    headers go out) never starts the generator, and an async generator that never started runs no ``finally``: the
+    serving connection, its in-flight count and the request's metering would be left behind. ``finish_soon`` covers
+    that case; the response calls it when Django closes it and when it is dropped unclosed."""
+
+    def __init__(self, stream, admitted: _Admitted, *, chat: bool, completion_id: str, started: float) -> None:
+        self.stream, self.admitted, self.chat = stream, admitted, chat
+        self.completion_id, self.started = completion_id, started
+        self.usage: dict | None = None
+        self.first_token_at: float | None = None
+        self.status_code, self.error_code = 200, ""
+        self.relaying = False
+        self._recorded = False
+        self._loop = asyncio.get_running_loop()
+
+    async def chunks(self):
+        self.relaying = True
+        created = int(time.time())
+        include_usage = self.admitted.generation.include_usage
+        seen_indexes = set()
+        try:
+            async for event in self.stream.events():
+                if "usage" in event and "text" not in event:
+                    self.usage = event["usage"]
+                    continue
+                if "error" in event:
+                    self.status_code = 502
+                    self.error_code = str((event["error"] or {}).get("code") or "serving_error")
+                    yield sse({"error": event["error"]})
+                    break
+                if self.first_token_at is None and event.get("text"):
+                    self.first_token_at = time.monotonic()
+                index = event.get("index", 0)
+                choice = chunk_choice(event, chat=self.chat, first_of_index=index not in seen_indexes)
+                seen_indexes.add(index)
+                yield sse(self._chunk(created, choices=[choice], include_usage=include_usage))
+            # Metered before the closing chunks: a client that reads its usage right after [DONE] must find this row.
+            await self.finish()
+            if include_usage and self.status_code == 200:
+                yield sse(self._chunk(created, choices=[], usage=usage_json(self.usage), include_usage=True))
+            yield sse("[DONE]")
+        except Exception:
+            self.status_code, self.error_code = 502, "stream_interrupted"
+            raise
+        finally:
+            await self.finish()  # the client went away or serving broke off: the request is still metered
+
+    def _chunk(self, created: int, **fields) -> dict:
+        return chunk_json(
+            completion_id=self.completion_id, model=self.admitted.model, chat=self.chat, created=created, **fields
         )
 
-    try:
-        async for event in stream.events():
-            if "usage" in event and "text" not in event:
-                usage = event["usage"]
-                continue
-            if "error" in event:
-                status_code, error_code = 502, str((event["error"] or {}).get("code") or "serving_error")
-                yield sse({"error": event["error"]})
-                break
-            if first_token_at is None and event.get("text"):
-                first_token_at = time.monotonic()
-            index = event.get("index", 0)
-            choice = chunk_choice(event, chat=chat, first_of_index=index not in seen_indexes)
-            seen_indexes.add(index)
-            yield sse(
-                chunk_json(
-                    completion_id=completion_id,
-                    model=admitted.model,
-                    chat=chat,
-                    created=created,
-                    choices=[choice],
-                    include_usage=include_usage,
-                )
-            )
-        await stream.close()
-        # Metered before the closing chunks: a client that reads its usage right after [DONE] must find this row.
-        await record_once()
-        if include_usage and status_code == 200:
-            yield sse(
-                chunk_json(
-                    completion_id=completion_id,
-                    model=admitted.model,
-                    chat=chat,
-                    created=created,
-                    choices=[],
-                    usage=usage_json(usage),
-                    include_usage=True,
-                )
-            )
-        yield sse("[DONE]")
-    except Exception:
-        status_code, error_code = 502, "stream_interrupted"
-        raise
-    finally:
-        await stream.close()
-        await record_once()  # the client went away or serving broke off: the request is still metered
+    async def finish(self) -> None:
+        """Close serving's stream (idempotent) and meter the request, once."""
+        await self.stream.close()
+        if self._recorded:
+            return
+        self._recorded = True
+        await sync_to_async(_record)(
+            self.admitted.context,
+            self.admitted.endpoint,
+            chat=self.chat,
+            status_code=self.status_code,
+            started=self.started,
+            usage=self.usage,
+            first_token_at=self.first_token_at,
+            error_code=self.error_code,
+            reservation=self.admitted.reservation,
+            # Text went out but serving's count did not come (client gone, stream broken): charge the worst case.
+            usage_unknown=self.usage is None and self.first_token_at is not None,
+        )
+
+    def finish_soon(self) -> None:
+        """From any thread: finish a relay whose generator never ran, on the event loop its stream belongs to."""
+        if self.relaying or self._recorded:
+            return
+        self.status_code, self.error_code = 499, "client_disconnected"  # nothing reached the client
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.finish(), self._loop)
+        except RuntimeError:  # the loop is gone, and the connection with it: only the in-flight count is left
+            self.stream.forget()
+            logger.warning("a relay was dropped after its event loop closed; the request is not metered")
+            return
+        _finishing.add(future)
+        future.add_done_callback(_finishing.discard)
+
+
+class _RelayResponse(StreamingHttpResponse):
+    """Finishes a relay that never ran when Django closes the response (the client left while the headers went out)
+    or when the response is dropped unclosed (the client left while middleware ran after the view)."""
+
+    def __init__(self, content, relay: _Relay, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.relay = relay
+        weakref.finalize(self, relay.finish_soon).atexit = False
+
+    def close(self) -> None:
+        super().close()
+        self.relay.finish_soon()
 
 
 @csrf_exempt  # checked in _tenant_context for session callers only; API keys need none
