@@ -283,7 +283,8 @@ def test_rate_limit_answers_429_with_retry_after(tenant_a):
             tenant_a.api().post("/v1/completions", {"model": "bot", "prompt": "x"}, format="json") for _ in range(3)
         ]
     assert [r.status_code for r in codes] == [503, 503, 429]
-    assert codes[2].json()["error"]["type"] == "rate_limit_error" and 1 <= int(codes[2]["Retry-After"]) <= 61
+    # Minute limits slide: one of the two slides out within the rest of this minute and half of the next.
+    assert codes[2].json()["error"]["type"] == "rate_limit_error" and 1 <= int(codes[2]["Retry-After"]) <= 90
     with override_settings(INFERENCE_TENANT_LIMITS={"acme": {"tokens_per_day": 0}}):
         quota = tenant_a.api().post("/v1/completions", {"model": "bot", "prompt": "x"}, format="json")
     assert quota.status_code == 429 and quota.json()["error"]["code"] == "insufficient_quota"

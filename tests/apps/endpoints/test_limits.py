@@ -11,8 +11,9 @@ from django.contrib.auth import get_user_model
 from django.test import override_settings
 from rest_framework.test import APIClient
 
+from apps.endpoints import limits
 from apps.endpoints.inference import prompt_token_bound
-from apps.endpoints.limits import inference_reserve, inference_settle, inference_windows
+from apps.endpoints.limits import RateLimited, inference_reserve, inference_settle, inference_windows
 from apps.endpoints.models import EndpointRequest
 from apps.endpoints.registry import model_context_length, redis_client
 from apps.tenancy.models import ApiKey, Membership, Role
@@ -133,7 +134,9 @@ def test_a_refusal_carries_retry_after_and_rate_headers_and_charges_nothing(tena
         refused.json()["error"]["type"] == "rate_limit_error"
         and refused.json()["error"]["code"] == "rate_limit_exceeded"
     )
-    assert 1 <= int(refused["Retry-After"]) <= 60
+    # The held tokens count until they have slid out of the last 60 seconds: at most the rest of this minute and the
+    # next one.
+    assert 1 <= int(refused["Retry-After"]) <= 120
     assert all(refused.has_header(name) for name in RATE_HEADERS)
     assert refused["x-ratelimit-limit-tokens"] == str(_worst_case(tenant_a.tenant) * 2)
     assert int(refused["x-ratelimit-remaining-tokens"]) == _worst_case(tenant_a.tenant) - 1
@@ -271,3 +274,40 @@ def test_windows_combine_the_keys_caps_with_the_tenants_limits(tenant_a):
         ("tenant", "tokens", 60): 800,
         ("tenant", "tokens", 86_400): 7000,
     }
+
+
+def test_minute_limits_slide_so_a_burst_across_the_minute_boundary_cannot_pass_twice_the_limit(tenant_a, monkeypatch):
+    tenant_a.tenant.requests_per_minute = 10
+    tenant_a.tenant.save()
+    key = ApiKey.objects.for_tenant(tenant_a.tenant).get()
+    minute = (int(time.time()) // 60 + 5) * 60  # a minute boundary of the future: no counter exists there yet
+    now = {"t": minute - 5.0}
+    monkeypatch.setattr(limits, "clock", lambda: now["t"])
+
+    def burst() -> tuple[int, RateLimited]:
+        admitted = 0
+        while True:
+            try:
+                inference_reserve(tenant=tenant_a.tenant, api_key=key, tokens=1)
+            except RateLimited as refusal:
+                return admitted, refusal
+            admitted += 1
+
+    # Ten in the last five seconds of a minute: the eleventh waits until one of them has slid out. That takes the
+    # 5 s left of this minute, then a tenth of the next (the ten requests' share decays over its 60 s).
+    admitted, refusal = burst()
+    assert admitted == 10 and refusal.retry_after == 5 + 6
+    assert refusal.headers["x-ratelimit-remaining-requests"] == "0"
+
+    # With fixed windows ten more would pass right after the boundary. Sliding, they still count.
+    now["t"] = minute + 5.0
+    assert burst()[0] == 0
+    now["t"] = minute + 7.0  # 53/60 of the ten left: room for one
+    assert burst()[0] == 1
+    now["t"] = minute + 30.0  # half of the ten, plus the one: room for four more
+    admitted, refusal = burst()
+    assert admitted == 4 and refusal.error_code == "rate_limit_exceeded"
+    # Within any 60 seconds no more than the limit (give or take the decaying share): 10 + 1 + 4 over 35 s here,
+    # against 20 that fixed windows let through in the 10 s around the boundary.
+    now["t"] = minute + 120.0
+    assert burst()[0] == 10
