@@ -7,14 +7,16 @@ parameters and its own CPU generator (``sample_next_tokens``, shared with causal
 not depend on what else is in its batch. Rows leave the batch as they finish or are cancelled, each with its own
 finish reason and token count; text is streamed token by token exactly as for causal LMs (``emit_progress``).
 
-Dynamic rather than continuous batching: every row of a batch starts decoding at the same step, so all rows share
-one decoder position (no decoder padding, no per-row positions for the relative position bias). A sequence that
-arrives while a batch decodes waits for that batch to end, then goes in the next one with everything else that
-arrived meanwhile.
+Dynamic batching with batches in flight side by side rather than continuous batching: every row of a batch starts
+decoding at the same step, so all rows of a batch share one decoder position (no decoder padding, no per-row
+positions, which an encoder-decoder's learned or relative decoder positions would need). A sequence that arrives while
+batches decode does not wait for them to end: at the next step it starts a batch of its own (with everything else
+that arrived meanwhile), and the thread then steps each batch in turn, up to ``max_concurrent_batches`` of them and
+``max_batch_size`` rows in all; beyond that it waits for rows to finish.
 
 When the thread was idle, it waits ``gather_seconds`` after the first arrival before encoding: requests sent
 together reach the thread a few milliseconds apart, and without the wait the first would run alone and the others
-would wait for its whole generation. Sequences that piled up while a batch ran have waited already: they go at once.
+in a batch of their own. Sequences that arrive while batches run are given the same time to gather.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ from workers.serving.batching import (
 logger = logging.getLogger(__name__)
 
 
+class _Batch:
+    """Rows that started decoding together: their encoder outputs and mask, decoder cache and pending tokens."""
+
+    def __init__(self, rows: list[Sequence]) -> None:
+        self.rows = rows
+        self.encoder_outputs = None
+        self.attention_mask: torch.Tensor | None = None
+        self.cache: EncoderDecoderCache | None = None
+        self.next_tokens: torch.Tensor | None = None
+
+
 class Seq2SeqRunner:
     """Owns one encoder-decoder model and generates everything submitted to it, in batches."""
 
@@ -47,6 +60,7 @@ class Seq2SeqRunner:
         *,
         max_batch_size: int = 32,
         gather_seconds: float = 0.005,
+        max_concurrent_batches: int = 4,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -54,17 +68,19 @@ class Seq2SeqRunner:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.gather_seconds = gather_seconds
+        self.max_concurrent_batches = max_concurrent_batches
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.decoder_start_token_id = _decoder_start_token_id(model, self.pad_token_id)
         self.forward_passes = 0
-        """Model forward passes so far (one encoder pass per batch, one per decoding step): tests and
+        """Model forward passes so far (one encoder pass per batch, one per batch per decoding step): tests and
         /v1/deployments read it."""
         self.batches = 0
-        """Batches run so far (failed ones included)."""
+        """Batches started so far (failed ones included)."""
         self.model_lock = threading.Lock()
         """Held for each forward pass."""
         self._waiting: list[Sequence] = []
+        self._waiting_since = 0.0
         self._running: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._closed = False
@@ -78,6 +94,8 @@ class Seq2SeqRunner:
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the model was unloaded")
+            if not self._waiting:
+                self._waiting_since = time.monotonic()
             self._waiting.extend(sequences)
             self._wakeup.notify()
 
@@ -99,28 +117,42 @@ class Seq2SeqRunner:
     # The runner thread
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self.batches += 1
-            try:
-                self._generate(batch)
-            except Exception:  # noqa: BLE001 - the batch's requests fail, the thread goes on with the next batch
-                logger.exception("seq2seq generation failed")
-                for sequence in batch:
-                    _fail(sequence)
-            finally:
-                with self._wakeup:
-                    self._running = []
+        batches: list[_Batch] = []
+        while (rows := self._next_rows(batches)) is not None:
+            if rows:
+                self.batches += 1
+                batch = _Batch(rows)
+                if self._guarded(batch, self._encode):
+                    batches.append(batch)
+            # Each batch in flight advances one token per round; a batch whose rows all finished (or that failed)
+            # leaves.
+            batches = [batch for batch in batches if self._guarded(batch, self._step) and batch.rows]
+            with self._wakeup:
+                self._running = [sequence for batch in batches for sequence in batch.rows]
         with self._wakeup:
             waiting, self._waiting = self._waiting, []
-        for sequence in waiting:
+            self._running = []
+        for sequence in waiting + [sequence for batch in batches for sequence in batch.rows]:
             _fail(sequence)
 
-    def _next_batch(self) -> list[Sequence] | None:
-        """The next sequences to run together (cancelled ones left out); None once the runner is closed."""
+    def _guarded(self, batch: _Batch, work) -> bool:
+        """Runs ``work(batch)``; if it raises, the batch's requests fail and the thread goes on with the others."""
+        try:
+            work(batch)
+        except Exception:  # noqa: BLE001 - one batch's failure is its requests' answer, not the process's
+            logger.exception("seq2seq generation failed")
+            for sequence in batch.rows:
+                _fail(sequence)
+            return False
+        return True
+
+    def _next_rows(self, batches: list[_Batch]) -> list[Sequence] | None:
+        """The sequences to start a batch with now (cancelled ones left out; none while the running batches leave no
+        room), after waiting for work when there is none; None once the runner is closed."""
         with self._wakeup:
             while True:
                 self._waiting = [sequence for sequence in self._waiting if not sequence.cancelled]
-                if not self._waiting and not self._closed:
+                if not self._waiting and not batches and not self._closed:
                     while not self._waiting and not self._closed:
                         self._wakeup.wait()
                     deadline = time.monotonic() + self.gather_seconds
@@ -132,62 +164,68 @@ class Seq2SeqRunner:
                     continue  # some may have been cancelled while gathering
                 if self._closed:
                     return None
-                batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
-                self._running = batch
-                return batch
+                room = self.max_batch_size - sum(len(batch.rows) for batch in batches)
+                gathered = not batches or time.monotonic() - self._waiting_since >= self.gather_seconds
+                if not self._waiting or room <= 0 or len(batches) >= self.max_concurrent_batches or not gathered:
+                    return []
+                rows, self._waiting = self._waiting[:room], self._waiting[room:]
+                self._waiting_since = time.monotonic()  # those left over wait for room, not for gathering
+                self._running.extend(rows)
+                return rows
 
-    def _generate(self, batch: list[Sequence]) -> None:
-        sources = [sequence.prompt_ids or [self.eos_token_id] for sequence in batch]
+    def _encode(self, batch: _Batch) -> None:
+        sources = [sequence.prompt_ids or [self.eos_token_id] for sequence in batch.rows]
         longest = max(len(source) for source in sources)
         input_ids = host_values_on_device(
             [source + [self.pad_token_id] * (longest - len(source)) for source in sources], torch.long, self.device
         )
-        attention_mask = host_values_on_device(
+        batch.attention_mask = host_values_on_device(
             [[1] * len(source) + [0] * (longest - len(source)) for source in sources], torch.long, self.device
         )
         with self.model_lock, torch.inference_mode():
             self.forward_passes += 1
-            encoder_outputs = self.model.get_encoder()(
-                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+            batch.encoder_outputs = self.model.get_encoder()(
+                input_ids=input_ids, attention_mask=batch.attention_mask, return_dict=True
             )
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        next_tokens = host_values_on_device([[self.decoder_start_token_id]] * len(batch), torch.long, self.device)
-        rows = list(batch)
-        while rows:
-            if self._closed:
-                raise RuntimeError("the model was unloaded while generating")
-            with self.model_lock, torch.inference_mode():
-                self.forward_passes += 1
-                outputs = self.model(
-                    encoder_outputs=encoder_outputs,
-                    attention_mask=attention_mask,
-                    decoder_input_ids=next_tokens,
-                    past_key_values=cache,
-                    use_cache=True,
-                    return_dict=True,
-                )
-                cache = outputs.past_key_values
-                next_tokens = sample_next_tokens(outputs.logits[:, -1, :], rows, self.device)
-            keep: list[int] = []
-            for row, (sequence, token) in enumerate(zip(rows, next_tokens[:, 0].tolist(), strict=True)):
-                if sequence.cancelled:
-                    sequence.finished = True
-                    continue
-                sequence.generated_ids.append(token)
-                emit_progress(sequence, token, self.tokenizer, eos_token_id=self.eos_token_id)
-                if not sequence.finished:
-                    keep.append(row)
-            if len(keep) == len(rows):
+        batch.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        batch.next_tokens = host_values_on_device(
+            [[self.decoder_start_token_id]] * len(batch.rows), torch.long, self.device
+        )
+
+    def _step(self, batch: _Batch) -> None:
+        """One decoder pass for the batch's rows; finished and cancelled rows leave it."""
+        with self.model_lock, torch.inference_mode():
+            self.forward_passes += 1
+            outputs = self.model(
+                encoder_outputs=batch.encoder_outputs,
+                attention_mask=batch.attention_mask,
+                decoder_input_ids=batch.next_tokens,
+                past_key_values=batch.cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            batch.cache = outputs.past_key_values
+            batch.next_tokens = sample_next_tokens(outputs.logits[:, -1, :], batch.rows, self.device)
+        keep: list[int] = []
+        for row, (sequence, token) in enumerate(zip(batch.rows, batch.next_tokens[:, 0].tolist(), strict=True)):
+            if sequence.cancelled:
+                sequence.finished = True
                 continue
-            rows = [rows[row] for row in keep]
-            if not rows:
-                break
-            # Finished rows leave the batch: the remaining rows' steps no longer pay for them.
-            kept = host_values_on_device(keep, torch.long, self.device)
-            cache.batch_select_indices(kept)
-            encoder_outputs.last_hidden_state = encoder_outputs.last_hidden_state[kept]
-            attention_mask = attention_mask[kept]
-            next_tokens = next_tokens[kept]
+            sequence.generated_ids.append(token)
+            emit_progress(sequence, token, self.tokenizer, eos_token_id=self.eos_token_id)
+            if not sequence.finished:
+                keep.append(row)
+        if len(keep) == len(batch.rows):
+            return
+        batch.rows = [batch.rows[row] for row in keep]
+        if not batch.rows:
+            return
+        # Finished rows leave the batch: the remaining rows' steps no longer pay for them.
+        kept = host_values_on_device(keep, torch.long, self.device)
+        batch.cache.batch_select_indices(kept)
+        batch.encoder_outputs.last_hidden_state = batch.encoder_outputs.last_hidden_state[kept]
+        batch.attention_mask = batch.attention_mask[kept]
+        batch.next_tokens = batch.next_tokens[kept]
 
 
 def _decoder_start_token_id(model: torch.nn.Module, pad_token_id: int) -> int:

@@ -169,6 +169,34 @@ def test_a_stop_string_ends_only_its_own_row(t5, make_runner):
     assert [outcome.summary() for outcome in rest] == alone
 
 
+def test_a_request_arriving_mid_generation_starts_at_once_instead_of_waiting_for_the_batch(t5, make_runner):
+    _, tokenizer = t5
+    runner = make_runner()
+    long_request, short_request = (PROMPTS[0], greedy(40)), (PROMPTS[2], greedy(2))
+    long_alone, short_alone = (generate(runner, tokenizer, [request])[0] for request in (long_request, short_request))
+    assert long_alone.completion_tokens >= 8  # long enough to still be running when the short one is done
+    batches_before = runner.batches
+
+    [long_sequence], [long_outcome] = sequences_for(tokenizer, [long_request])
+    runner.submit([long_sequence])
+    for _ in range(2000):
+        if len(long_outcome.events) >= 2:
+            break
+        threading.Event().wait(0.001)
+    [short_sequence], [short_outcome] = sequences_for(tokenizer, [short_request])
+    runner.submit([short_sequence])
+    assert short_outcome.done.wait(60)
+    long_tokens_when_short_finished = len(long_sequence.generated_ids)
+    assert long_outcome.done.wait(60)
+
+    # The short request ran in a batch of its own beside the long one, not after it: the long one was still
+    # generating when the short one ended. Each gives the same text as alone.
+    assert runner.batches - batches_before == 2
+    assert long_tokens_when_short_finished < long_outcome.completion_tokens
+    assert (long_outcome.summary(), short_outcome.summary()) == (long_alone.summary(), short_alone.summary())
+    assert runner.active_sequences == 0
+
+
 def test_a_cancelled_sequence_does_not_affect_the_others(t5, make_runner):
     _, tokenizer = t5
     runner = make_runner()
