@@ -20,19 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 # The serving processes place warm replicas with the same ranking, so the web sends requests where they are.
-from workers.serving.placement import rendezvous_order
+from workers.serving.placement import rendezvous_order, serving_urls
 
 __all__ = ["ServingPool", "rendezvous_order", "serving_pool", "serving_urls"]
-
-
-def serving_urls(setting: str) -> tuple[str, ...]:
-    """SERVING_URL's processes: one URL or a comma-separated list; blanks and duplicates dropped, order kept."""
-    urls: list[str] = []
-    for part in setting.split(","):
-        url = part.strip().rstrip("/")
-        if url and url not in urls:
-            urls.append(url)
-    return tuple(urls)
 
 
 class ServingPool:

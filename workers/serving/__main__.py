@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import uvicorn
 
 from workers.serving.app import create_app
 from workers.serving.config import ServingConfig
+from workers.serving.placement import advertised_url_mismatch
 
 
 def main() -> None:
@@ -18,7 +20,11 @@ def main() -> None:
     parser.add_argument("--log-level", default="info")
     arguments = parser.parse_args()
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(ServingConfig.from_env(port=arguments.port, host=arguments.host))
+    config = ServingConfig.from_env(port=arguments.port, host=arguments.host)
+    mismatch = advertised_url_mismatch(config.advertised_url, os.environ.get("SERVING_URL", ""))
+    if mismatch:
+        logging.getLogger("workers.serving").warning("Warm replicas: %s", mismatch)
+    app = create_app(config)
     uvicorn.run(app, host=arguments.host, port=arguments.port, log_level=arguments.log_level, lifespan="on")
 
 

@@ -44,13 +44,13 @@ class ServingConfig:
     registry_poll_seconds: float = 2.0
     """The registry hash is re-read this often, since pub/sub messages can be missed."""
     max_batch_size: int = 64
-    """Sequences decoded together by one model's scheduler (causal LM) or in one batch (seq2seq); further ones wait
-    for a free slot (causal LM) or for the next batch (seq2seq)."""
+    """Sequences decoded together by one model's scheduler (causal LM) or in its batches in flight (seq2seq); further
+    ones wait for a free slot."""
     classify_wait_seconds: float = 0.005
     """How long a classification batch collects requests before its forward pass."""
     seq2seq_gather_seconds: float = 0.005
-    """How long an idle seq2seq runner waits after a request arrives, so that requests sent together share its batch
-    (sequences that arrived while a batch ran go into the next one at once)."""
+    """How long a seq2seq runner waits after a request arrives before starting its batch, so that requests sent
+    together share one."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, port: int = 0, host: str = "") -> ServingConfig:

@@ -13,6 +13,30 @@ def _weight(key: str, url: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{url}".encode(), digest_size=8).digest(), "big")
 
 
+def serving_urls(setting: str) -> tuple[str, ...]:
+    """SERVING_URL's processes: one URL or a comma-separated list; blanks and duplicates dropped, order kept."""
+    urls: list[str] = []
+    for part in setting.split(","):
+        url = part.strip().rstrip("/")
+        if url and url not in urls:
+            urls.append(url)
+    return tuple(urls)
+
+
+def advertised_url_mismatch(advertised_url: str, serving_url_setting: str) -> str | None:
+    """Why warm placement will miss, when this process's advertised URL is not an entry of SERVING_URL (when both
+    are known): the web ranks SERVING_URL's entries, the processes rank the advertised URLs, and the two rankings
+    agree only when they are the same strings."""
+    listed = serving_urls(serving_url_setting)
+    if not listed or not advertised_url or advertised_url in listed:
+        return None
+    return (
+        f"this process advertises {advertised_url!r}, which SERVING_URL ({', '.join(listed)}) does not list: the web "
+        "will send its warm endpoints' requests to other processes first. Set SERVING_ADVERTISE_URL to this "
+        "process's entry in SERVING_URL."
+    )
+
+
 def rendezvous_order(key: str, urls: Sequence[str] | Collection[str]) -> list[str]:
     """``urls`` from the highest weight for ``key`` to the lowest; the URL breaks (improbable) ties."""
     return sorted(urls, key=lambda url: (_weight(key, url), url), reverse=True)
