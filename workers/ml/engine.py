@@ -32,7 +32,7 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import fused_loss, metrics, modeling, packed_gpt2, prepared
+from workers.ml import cpu_activations, fused_loss, metrics, modeling, packed_gpt2, prepared
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -1211,6 +1211,8 @@ def _maybe_compile(
     """The model to call (compiled where that pays), for packed GPT-2 rows the faster packed-row forward, and whether
     the run compiles."""
     wanted = _compile_wanted(config, device, packed=packed, steps_left=steps_left)
+    if wanted and device.type == "cpu":
+        cpu_activations.use_sigmoid_form_gelu(model)
     fused = fused_loss.fused_parts(model) if config.task == "causal_lm" else None
     packed_forward = None
     if packed and fused is not None:
