@@ -18,6 +18,7 @@ for part in "${parts[@]}"; do
     tests)  # the CUDA-only tests (the rest of the suite runs in CI); no Django here, so no conftest
       timeout 150 python -m pytest -q -c /dev/null --noconftest -p no:cacheprovider -rs \
         tests/workers/ml/test_packed_gpt2.py tests/workers/ml/test_fused_loss.py tests/workers/ml/test_optimization.py \
+        tests/workers/serving/test_kv_cache.py::test_rows_join_leave_and_grow_with_every_row_keeping_its_own_positions \
         > "$OUT/cuda_tests.txt" 2>&1 ;;
     train)  # GPT-2 124M, 16 x 1024, bf16, compiled; the Trainer baseline in the same run
       timeout 300 python benchmarks/train_throughput.py --kernels flex,varlen --output "$OUT/train.json" \

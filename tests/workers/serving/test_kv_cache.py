@@ -35,8 +35,15 @@ class _ReferenceRows:
         assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
 
 
-def _states(rows: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(rows, HEADS, positions, HEAD_SIZE), torch.randn(rows, HEADS, positions, HEAD_SIZE)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+def _states(rows: int, positions: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (rows, HEADS, positions, HEAD_SIZE)
+    return torch.randn(shape).to(device), torch.randn(shape).to(device)
 
 
 @pytest.fixture
@@ -46,9 +53,9 @@ def tight_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_SlottedLayer, "spare_rows", 1)
 
 
-def _prefill(rows: int, positions: int, reference: _ReferenceRows) -> _SlottedLayer:
+def _prefill(rows: int, positions: int, reference: _ReferenceRows, device: str) -> _SlottedLayer:
     layer = _SlottedLayer()
-    keys, values = _states(rows, positions)
+    keys, values = _states(rows, positions, device)
     layer.update(keys, values)
     reference.keys += list(keys)
     reference.values += list(values)
@@ -57,7 +64,7 @@ def _prefill(rows: int, positions: int, reference: _ReferenceRows) -> _SlottedLa
 
 def _decode(layer: _SlottedLayer, reference: _ReferenceRows, steps: int) -> None:
     for _ in range(steps):
-        keys, values = _states(len(reference.keys), 1)
+        keys, values = _states(len(reference.keys), 1, layer.device.type)
         returned_keys, returned_values = layer.update(keys, values)
         assert returned_keys is layer.keys and returned_values is layer.values
         reference.keys = [torch.cat([old, new], 1) for old, new in zip(reference.keys, keys, strict=True)]
@@ -65,7 +72,7 @@ def _decode(layer: _SlottedLayer, reference: _ReferenceRows, steps: int) -> None
 
 
 def _join(layer: _SlottedLayer, reference: _ReferenceRows, rows: int, positions: int) -> None:
-    keys, values = _states(rows, positions)
+    keys, values = _states(rows, positions, layer.device.type)
     layer.append_rows(keys, values)
     reference.keys += list(keys)
     reference.values += list(values)
@@ -77,7 +84,12 @@ def _drop(layer: _SlottedLayer, reference: _ReferenceRows, finished: set[int]) -
     remaining = len(keep)
     gaps = [row for row in range(remaining) if row in finished]
     movers = [row for row in keep if row >= remaining]
-    layer.keep_rows(torch.tensor(movers) if movers else None, torch.tensor(gaps) if gaps else None, remaining)
+    device = layer.device
+    layer.keep_rows(
+        torch.tensor(movers, device=device) if movers else None,
+        torch.tensor(gaps, device=device) if gaps else None,
+        remaining,
+    )
     order = list(range(remaining))
     for gap, mover in zip(gaps, movers, strict=True):
         order[gap] = mover
@@ -85,13 +97,14 @@ def _drop(layer: _SlottedLayer, reference: _ReferenceRows, finished: set[int]) -
     reference.values = [reference.values[row] for row in order]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tight", [False, True], ids=["spare-room", "no-spare-room"])
-def test_rows_join_leave_and_grow_with_every_row_keeping_its_own_positions(tight, request):
+def test_rows_join_leave_and_grow_with_every_row_keeping_its_own_positions(tight, device, request):
     if tight:
         request.getfixturevalue("tight_layers")
     torch.manual_seed(0)
     reference = _ReferenceRows()
-    layer = _prefill(3, 5, reference)
+    layer = _prefill(3, 5, reference, device)
     reference.check(layer)
     _decode(layer, reference, 3)
     reference.check(layer)
