@@ -372,13 +372,11 @@ class ServingStream:
 
     async def close(self) -> None:
         """Idempotent: the relay closes the stream when it ends and again in its `finally`."""
-        on_close, self._on_close = self._on_close, None
         try:
             await self.response.aclose()
             await self.client.aclose()
         finally:
-            if on_close is not None:
-                on_close()
+            self.forget()
 
 
 # --- OpenAI shapes ---------------------------------------------------------------------------------------------------

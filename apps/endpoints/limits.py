@@ -157,6 +157,12 @@ def _seconds_left(seconds: int, now: float) -> float:
     return (int(now // seconds) + 1) * seconds - now
 
 
+def _previous_weight(window: LimitWindow, now: float) -> float:
+    """How much of the previous period still counts: the share of it inside the last ``window.seconds`` (0 for a
+    calendar window)."""
+    return _seconds_left(window.seconds, now) / window.seconds if window.slides else 0.0
+
+
 @dataclass(frozen=True)
 class _WindowState:
     """One window's counters at ``now``: this period's, the previous period's, and that one's weight."""
@@ -168,7 +174,7 @@ class _WindowState:
 
     @property
     def previous_weight(self) -> float:
-        return _seconds_left(self.window.seconds, self.now) / self.window.seconds if self.window.slides else 0.0
+        return _previous_weight(self.window, self.now)
 
     @property
     def used(self) -> int:
@@ -294,8 +300,7 @@ def inference_reserve(*, tenant: Tenant, api_key: ApiKey | None, tokens: int) ->
     for window, amount in zip(windows, amounts, strict=True):
         # A sliding window's counter must outlive its minute: it is the next minute's previous one.
         ttl = window.seconds * (2 if window.slides else 1) + 1
-        weight = _WindowState(window, 0, 0, now).previous_weight
-        arguments += [amount, window.limit, ttl, repr(weight)]
+        arguments += [amount, window.limit, ttl, repr(_previous_weight(window, now))]
     admitted, currents, previouses, full = redis_client().eval(_RESERVE_SCRIPT, len(keys), *keys, *arguments)
     states = [
         _WindowState(window, int(current), int(previous), now)
