@@ -31,7 +31,7 @@ its memory after imports; on CUDA ``peak_cuda_allocated_mb`` is torch.cuda.max_m
 6 x parameters x tokens_per_second / 989e12 (the bf16 dense peak of an H100/H200 SXM).
 
 Attention of packed rows (``--kernels``): the engine's packed-row kernel is chosen by ``workers.ml.packed_gpt2``
-(FlexAttention on CUDA, the stock module on a CPU); ``--kernels hf,flex,varlen`` measures each in its own run
+(FlexAttention on CUDA, ``blocked`` on a CPU); ``--kernels hf,blocked,flex,varlen`` measures each in its own run
 (``by_kernel``), and ``ours`` is the one a job would get. A kernel that fails is reported under ``failed_kernels``.
 Goal on CUDA: ``mfu`` ≥ 0.35 (``goal_met``); on a CPU: a speed-up ≥ 4×.
 

@@ -954,7 +954,7 @@ def test_full_fine_tuning_of_minilm_exports_a_labelled_classifier(
 
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_compiled_cpu_run_trains_like_the_eager_one(samples: dict[str, str], tmp_path: Path) -> None:
-    """compile "on" on a CPU: the body compiled with GPT-2's eager attention, the loss's chunks compiled. Without
+    """compile "on" on a CPU: the packed-row body compiled (blocked attention), the loss's chunks compiled. Without
     dropout (the compiled code draws its masks another way) the losses follow the eager run's to float rounding."""
     with dropout_free_models():
         eager, compiled = (

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from workers.ml import fused_loss, modeling
 from workers.ml.data.templates import IGNORE_INDEX
+from workers.ml.engine import cpp_compiler_available
 
 VOCAB = 300
 
@@ -121,22 +122,41 @@ def test_lora_adapters_train_through_the_fused_path():
         torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk path runs on CUDA only")
-def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
-    # Several chunks of unequal size, so that the compiled chunk function sees the last, shorter one too.
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+def _chunked_problem():
+    """Several chunks of unequal size (with a 50-row budget), so that a compiled chunk function sees the last,
+    shorter one too."""
     generator = torch.Generator().manual_seed(4)
     hidden = torch.randn(3 * 64, 32, generator=generator)
     weight = torch.randn(VOCAB, 32, generator=generator) * 0.1
     targets = torch.randint(0, VOCAB, (3 * 64,), generator=generator)
     targets[::5] = IGNORE_INDEX
+    return hidden, weight, targets
 
-    def loss_and_gradients(device: str):
-        leaf_hidden = hidden.clone().to(device).requires_grad_()
-        leaf_weight = weight.clone().to(device).requires_grad_()
-        loss = fused_loss.summed_linear_cross_entropy(leaf_hidden, leaf_weight, targets.to(device))
-        loss.backward()
-        return loss.detach().cpu(), leaf_hidden.grad.cpu(), leaf_weight.grad.cpu()
 
-    for cpu_value, cuda_value in zip(loss_and_gradients("cpu"), loss_and_gradients("cuda"), strict=True):
+def _loss_and_gradients(hidden, weight, targets, device: str, *, compiled: bool = False):
+    leaf_hidden = hidden.clone().to(device).requires_grad_()
+    leaf_weight = weight.clone().to(device).requires_grad_()
+    loss = fused_loss.summed_linear_cross_entropy(leaf_hidden, leaf_weight, targets.to(device), compiled=compiled)
+    loss.backward()
+    return loss.detach().cpu(), leaf_hidden.grad.cpu(), leaf_weight.grad.cpu()
+
+
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
+    """What a compiled CPU run takes: each chunk's softmax work as one generated C++ kernel."""
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 50 * VOCAB * 4)
+    problem = _chunked_problem()
+    eager = _loss_and_gradients(*problem, "cpu")
+    compiled = _loss_and_gradients(*problem, "cpu", compiled=True)
+    for compiled_value, eager_value in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk path runs on CUDA only")
+def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+    problem = _chunked_problem()
+    for cpu_value, cuda_value in zip(
+        _loss_and_gradients(*problem, "cpu"), _loss_and_gradients(*problem, "cuda"), strict=True
+    ):
         torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-4)
