@@ -19,7 +19,7 @@ from apps.datasets.selectors import file_get, file_list, tokenizer_get, tokenize
 from apps.datasets.services import PREVIEW_MAX_EXAMPLES
 from apps.endpoints.limits import tenant_inference_limits
 from apps.tenancy.context import SESSION_TENANT_KEY
-from apps.tenancy.models import INFERENCE_LIMIT_FIELDS, ApiKey
+from apps.tenancy.models import INFERENCE_LIMIT_FIELDS, ApiKey, KeyPermissions
 from apps.tenancy.selectors import api_keys_for_tenant, membership_get
 from apps.tenancy.services import api_key_create, api_key_revoke, api_key_update, user_sign_up
 from workers.ml.data.templates import CHAT_TEMPLATES
@@ -97,7 +97,11 @@ def api_keys(request):
             return redirect("dashboard:api-keys")
         try:
             created = api_key_create(
-                tenant=context.tenant, user=request.user, name=request.POST.get("name", ""), limits=limits
+                tenant=context.tenant,
+                user=request.user,
+                name=request.POST.get("name", ""),
+                limits=limits,
+                permissions=request.POST.get("permissions", KeyPermissions.ALL),
             )
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
@@ -110,6 +114,7 @@ def api_keys(request):
             "api_keys": api_keys_for_tenant(tenant=context.tenant),
             "new_secret": new_secret,
             "team_limits": tenant_inference_limits(context.tenant),
+            "key_permissions": KeyPermissions.choices,
         },
     )
 

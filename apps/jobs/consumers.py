@@ -12,6 +12,7 @@ from .serialization import event_to_json, job_to_json
 
 # Close codes in the 4000 range mirror HTTP: the client learns why without a response body.
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
 
@@ -24,6 +25,9 @@ class _TenantConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         if self.tenant_context is None:
             await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if self.tenant_context.inference_only:  # an inference-only API key does not watch jobs
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.on_authenticated()
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 
-from .models import ROLES_THAT_CAN_MANAGE, ROLES_THAT_CAN_WRITE, ApiKey, Role, Tenant
+from .models import ROLES_THAT_CAN_MANAGE, ROLES_THAT_CAN_WRITE, ApiKey, KeyPermissions, Role, Tenant
 from .selectors import default_membership, membership_get
 
 SESSION_TENANT_KEY = "tunehouse_tenant_id"
@@ -25,11 +25,22 @@ class TenantContext:
     def can_manage(self) -> bool:
         return self.role in ROLES_THAT_CAN_MANAGE
 
+    @property
+    def inference_only(self) -> bool:
+        """An inference-only key: inference routes and the model list, nothing else (not even reads)."""
+        return self.api_key is not None and self.api_key.permissions == KeyPermissions.INFERENCE
+
+    @property
+    def can_run_inference(self) -> bool:
+        return self.api_key is None or self.api_key.permissions != KeyPermissions.READ_ONLY
+
 
 def context_for_api_key(api_key: ApiKey) -> TenantContext:
-    # A key acts with member rights in its tenant: it can create jobs but not manage members or other keys.
+    # A key acts with member rights in its tenant: it can create jobs but not manage members or other keys. A
+    # read-only key acts as a viewer, so every check that guards a write refuses it too.
     user = api_key.created_by if api_key.created_by_id else None
-    return TenantContext(tenant=api_key.tenant, role=Role.MEMBER, user=user, api_key=api_key)
+    role = Role.VIEWER if api_key.permissions == KeyPermissions.READ_ONLY else Role.MEMBER
+    return TenantContext(tenant=api_key.tenant, role=role, user=user, api_key=api_key)
 
 
 def context_for_session(user: AbstractBaseUser, session) -> TenantContext | None:

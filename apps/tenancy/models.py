@@ -91,6 +91,17 @@ class TenantOwnedModel(models.Model):
         abstract = True
 
 
+class KeyPermissions(models.TextChoices):
+    """What an API key may do in its tenant, chosen when it is made (OpenAI's "All" / "Restricted" / "Read only")."""
+
+    ALL = "all", "All"  # what a team member can do
+    # Completions, chat completions, predictions and the model list. For applications in production: a leaked key
+    # can run the endpoints but not read datasets, start jobs or deploy.
+    INFERENCE = "inference", "Inference only"
+    # Lists and reads everything, changes nothing and runs no inference: for monitoring and CI dashboards.
+    READ_ONLY = "read_only", "Read only"
+
+
 def _new_api_key_public_id() -> str:
     return new_public_id("key")
 
@@ -106,6 +117,7 @@ class ApiKey(TenantOwnedModel):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    permissions = models.CharField(max_length=10, choices=KeyPermissions.choices, default=KeyPermissions.ALL)
     # Caps of this key alone, below the team's limits (a key cannot raise them); empty: no cap of its own.
     requests_per_minute = _inference_limit_field(
         "Inference requests per minute with this key; empty: INFERENCE_REQUESTS_PER_MINUTE_PER_KEY."

@@ -17,6 +17,7 @@ def api_key_to_json(api_key: ApiKey, *, secret: str | None = None) -> dict:
         "last_used_at": _unix(api_key.last_used_at),
         "revoked_at": _unix(api_key.revoked_at),
         "status": "active" if api_key.is_active else "revoked",
+        "permissions": api_key.permissions,  # all, inference or read_only
         # The key's own caps; null: none of its own (the organization's limits, and for requests per minute the
         # platform's per-key default, still apply).
         **{name: getattr(api_key, name) for name in INFERENCE_LIMIT_FIELDS},

@@ -17,6 +17,7 @@ from .models import (
     INFERENCE_LIMIT_MAX,
     ROLES_THAT_CAN_MANAGE,
     ApiKey,
+    KeyPermissions,
     Membership,
     Role,
     Tenant,
@@ -168,25 +169,56 @@ def inference_limits_clean(limits: dict) -> dict[str, int | None]:
     return cleaned
 
 
+def api_key_permissions_clean(permissions: object) -> str:
+    """One of KeyPermissions' values ("all", "inference", "read_only"), else a ValidationError naming them."""
+    if permissions not in KeyPermissions.values:
+        choices = ", ".join(f"'{value}'" for value in KeyPermissions.values)
+        raise ValidationError({"permissions": f"permissions must be one of {choices}, not {permissions!r}."})
+    return str(permissions)
+
+
 def api_key_create(
-    *, tenant: Tenant, user: AbstractBaseUser | None, name: str, limits: dict | None = None
+    *,
+    tenant: Tenant,
+    user: AbstractBaseUser | None,
+    name: str,
+    limits: dict | None = None,
+    permissions: str = KeyPermissions.ALL,
 ) -> CreatedApiKey:
-    """`limits`: the key's own caps (inference_limits_clean), checked before anything is stored."""
+    """`limits`: the key's own caps (inference_limits_clean); `permissions`: what the key may do (KeyPermissions).
+    Both are checked before anything is stored."""
     name = name.strip()
     if not name:
         raise ValidationError({"name": "Give the key a name so you can recognise it later."})
     caps = inference_limits_clean(limits or {})
+    permissions = api_key_permissions_clean(permissions)
     secret = API_KEY_PREFIX + secrets.token_urlsafe(30)
     api_key = ApiKey.objects.create(
-        tenant=tenant, name=name[:100], prefix=secret[:10], key_hash=hash_api_key(secret), created_by=user, **caps
+        tenant=tenant,
+        name=name[:100],
+        prefix=secret[:10],
+        key_hash=hash_api_key(secret),
+        created_by=user,
+        permissions=permissions,
+        **caps,
     )
     return CreatedApiKey(api_key=api_key, secret=secret)
 
 
-def api_key_update(*, tenant: Tenant, public_id: str, name: str | None = None, limits: dict | None = None) -> ApiKey:
-    """Renames the key and/or changes the caps present in `limits` (None removes a cap); the others stay. Raises
-    ApiKey.DoesNotExist for another tenant's key id (404 for the caller). Takes effect on the key's next request."""
+def api_key_update(
+    *,
+    tenant: Tenant,
+    public_id: str,
+    name: str | None = None,
+    limits: dict | None = None,
+    permissions: str | None = None,
+) -> ApiKey:
+    """Renames the key, changes the caps present in `limits` (None removes a cap) and/or its permissions; the others
+    stay. Raises ApiKey.DoesNotExist for another tenant's key id (404 for the caller). Takes effect on the key's next
+    request."""
     caps = inference_limits_clean(limits or {})
+    if permissions is not None:
+        permissions = api_key_permissions_clean(permissions)
     api_key = ApiKey.objects.for_tenant(tenant).get(public_id=public_id)
     if name is not None:
         if not isinstance(name, str) or not name.strip():
@@ -194,7 +226,9 @@ def api_key_update(*, tenant: Tenant, public_id: str, name: str | None = None, l
         api_key.name = name.strip()[:100]
     for field, value in caps.items():
         setattr(api_key, field, value)
-    api_key.save(update_fields=["name", *caps])
+    if permissions is not None:
+        api_key.permissions = permissions
+    api_key.save(update_fields=["name", "permissions", *caps])
     return api_key
 
 

@@ -25,6 +25,7 @@ from apps.datasets.selectors import file_get
 from apps.jobs.models import FineTuningJob, JobCheckpoint
 from apps.jobs.selectors import job_checkpoint_get
 from apps.tenancy.context import context_for_request
+from apps.tenancy.permissions import check_api_key_permissions
 
 from ..models import Audit, AuditPolicy
 from ..policy import policy_of
@@ -226,6 +227,7 @@ class IsReviewer(permissions.BasePermission):
             raise ApiError(
                 f"Unknown request URL: {request.method} {request.path}.", code="unknown_url", status_code=404
             )
+        check_api_key_permissions(request, view)  # a reviewer's read-only key reads the queue but decides nothing
         return True
 
 

@@ -41,6 +41,8 @@ _model = inline_serializer(
 
 
 class ModelListView(TenantAPIView):
+    inference_route = True  # an inference-only API key lists what it can call
+
     @extend_schema(
         summary="List models: the catalog's base models, then this tenant's fine-tuned models",
         operation_id="listModels",
@@ -64,6 +66,8 @@ class ModelListView(TenantAPIView):
 
 
 class ModelDetailView(TenantAPIView):
+    inference_route = True
+
     @extend_schema(
         summary="Retrieve a catalog model or one of this tenant's fine-tuned models",
         operation_id="retrieveModel",

@@ -72,7 +72,14 @@ def _tenant_context(request: HttpRequest) -> TenantContext:
             raise ApiError(
                 "Incorrect API key provided, or the key was revoked.", code="invalid_api_key", status_code=401
             )
-        return context_for_api_key(api_key)
+        context = context_for_api_key(api_key)
+        if not context.can_run_inference:
+            raise ApiError(
+                f"This API key is read-only: it cannot run inference ({request.method} {request.path}).",
+                code="insufficient_permissions",
+                status_code=403,
+            )
+        return context
     context = getattr(request, "tenant_context", None)
     if context is None:
         raise ApiError(

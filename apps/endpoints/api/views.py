@@ -152,6 +152,8 @@ class EndpointDetailView(EndpointView):
 
 
 class EndpointPredictView(EndpointView):
+    inference_route = True  # what an inference-only API key may call
+
     @extend_schema(
         summary="Classify texts with a classifier endpoint (Tunehouse)",
         operation_id="predictWithEndpoint",

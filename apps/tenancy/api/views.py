@@ -1,8 +1,9 @@
 """API keys over REST (`/v1/api_keys`, Tunehouse extension) and the staff-only `/v1/organizations/{slug}/limits`.
 
-Every member may list the team's keys (names and prefixes only); creating, changing (name and inference caps) and
-revoking keys needs an owner or admin of the team: anyone else gets 403, and so does any API key, which acts with
-member rights (a key must not be able to raise its own caps). Another tenant's key id is not found (404).
+Every member may list the team's keys (names and prefixes only); creating, changing (name, permissions and inference
+caps) and revoking keys needs an owner or admin of the team: anyone else gets 403, and so does any API key, which acts
+at most with member rights (a key must not be able to raise its own caps or permissions). Another tenant's key id is
+not found (404).
 
 The organization limits route exists only for platform staff; to anyone else it is the 404 of an unknown path.
 """
@@ -18,13 +19,15 @@ from apps.core.api.errors import ApiError
 from apps.core.api.schema import ERROR_RESPONSES, ErrorSerializer
 from apps.endpoints.limits import tenant_inference_limits
 
-from ..models import INFERENCE_LIMIT_FIELDS, ApiKey, Tenant
+from ..models import INFERENCE_LIMIT_FIELDS, ApiKey, KeyPermissions, Tenant
 from ..permissions import IsPlatformStaff
 from ..serialization import api_key_to_json, tenant_limits_to_json
 from ..services import api_key_create, api_key_revoke, api_key_update, tenant_inference_limits_update
 
-API_KEY_PARAMETERS = ("name", *INFERENCE_LIMIT_FIELDS)
+API_KEY_PARAMETERS = ("name", "permissions", *INFERENCE_LIMIT_FIELDS)
 LIMITS_DESCRIPTION = (
+    "permissions: 'all' (what a team member can do; the default), 'inference' (completions, chat completions, "
+    "predictions and the model list only) or 'read_only' (reads everything, changes nothing, runs no inference); "
     "requests_per_minute, tokens_per_minute, tokens_per_day: positive whole numbers, or null for none of the key's "
     "own (the organization's limits still apply)."
 )
@@ -70,7 +73,13 @@ class ApiKeyListCreateView(ApiKeyView):
         name = body.get("name")
         if not isinstance(name, str):
             raise ApiError("Missing required parameter: 'name'.", code="missing_required_parameter", param="name")
-        created = api_key_create(tenant=self.tenant, user=self.tenant_context.user, name=name, limits=body)
+        created = api_key_create(
+            tenant=self.tenant,
+            user=self.tenant_context.user,
+            name=name,
+            limits=body,
+            permissions=KeyPermissions.ALL if body.get("permissions") is None else body["permissions"],
+        )
         return Response(api_key_to_json(created.api_key, secret=created.secret), status=201)
 
 
@@ -85,7 +94,7 @@ class ApiKeyDetailView(ApiKeyView):
         return Response(api_key_to_json(self.get_object()))
 
     @extend_schema(
-        summary="Rename an API key or change its limits (Tunehouse)",
+        summary="Rename an API key or change its permissions or limits (Tunehouse)",
         operation_id="updateApiKey",
         description="Owners and admins only; partial: the fields sent change, the others stay. Body: name; "
         + LIMITS_DESCRIPTION
@@ -98,7 +107,13 @@ class ApiKeyDetailView(ApiKeyView):
         api_key = self.get_object()  # another tenant's id: 404 before any permission question
         self.ensure_can_manage()
         body = request_object(request, API_KEY_PARAMETERS)
-        updated = api_key_update(tenant=self.tenant, public_id=api_key.public_id, name=body.get("name"), limits=body)
+        updated = api_key_update(
+            tenant=self.tenant,
+            public_id=api_key.public_id,
+            name=body.get("name"),
+            limits=body,
+            permissions=body.get("permissions"),
+        )
         return Response(api_key_to_json(updated))
 
     @extend_schema(

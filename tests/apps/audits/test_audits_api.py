@@ -551,6 +551,14 @@ def test_a_staff_reviewer_may_call_with_an_api_key_they_created(tenant_a, tenant
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
 
     assert [item["id"] for item in client.get("/v1/reviews").json()["data"]] == [audit.public_id]
+    # A read-only key of theirs reads the queue but decides nothing; an inference-only one does not even read it.
+    for permissions, reads in (("read_only", True), ("inference", False)):
+        secret = api_key_create(tenant=tenant_b.tenant, user=staff, name=permissions, permissions=permissions).secret
+        narrow = APIClient()
+        narrow.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        assert (narrow.get("/v1/reviews").status_code == 200) is reads
+        assert _error(_decide(narrow, audit), 403)["code"] == "insufficient_permissions"
+    assert not ReviewDecision.objects.exists()
     assert _decide(client, audit).status_code == 201
     assert ReviewDecision.objects.get().reviewer == staff
 

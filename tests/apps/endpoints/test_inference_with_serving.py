@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from apps.tenancy.services import api_key_create
 from tests.apps.endpoints.test_limits import RATE_HEADERS
 from tests.corpus import english_corpus
 from tests.test_openai_sdk import FINISHED, _wait_for_status
@@ -53,6 +54,25 @@ def test_openai_sdk_completions_chat_and_streaming(serving_server, asgi_server, 
     assert "tiny" in [model.id for model in client.models.list()]
     usage = client.get(f"/endpoints/{endpoint['id']}/usage", cast_to=object)
     assert usage["requests"] == 4 and usage["completion_tokens"] > 0
+
+    # An application in production holds an inference-only key: it completes, and the SDK raises its usual
+    # PermissionDeniedError for anything else. A monitoring key reads but runs no inference.
+    def sdk_with(permissions: str) -> openai.OpenAI:
+        secret = api_key_create(tenant=tenant_a.tenant, user=tenant_a.owner, name=permissions, permissions=permissions)
+        return openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=secret.secret, max_retries=0)
+
+    app, monitor = sdk_with("inference"), sdk_with("read_only")
+    assert app.completions.create(model="tiny", prompt="Once", max_tokens=4).usage.completion_tokens > 0
+    assert "tiny" in [model.id for model in app.models.list()]
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        app.files.list()
+    assert refused.value.code == "insufficient_permissions"
+    assert job.id in [listed.id for listed in monitor.fine_tuning.jobs.list()]
+    with pytest.raises(openai.PermissionDeniedError):
+        monitor.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    with pytest.raises(openai.PermissionDeniedError):
+        monitor.files.delete(uploaded.id)
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
 
 
 def _train(client, file_id: str, *, seed: int):

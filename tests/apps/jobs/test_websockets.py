@@ -13,6 +13,7 @@ from django.test import Client
 
 from apps.datasets.models import File
 from apps.jobs.services import job_cancel, job_create, job_event_record
+from apps.tenancy.services import api_key_create
 from tunehouse.asgi import application
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -113,6 +114,22 @@ async def test_unauthenticated_and_bad_key_are_refused(tenant_a):
     for headers in ([], [_bearer("th-wrong")]):
         communicator, _ = await _connect(f"/ws/fine_tuning/jobs/{job.public_id}/", headers)
         assert await communicator.receive_output(timeout=10) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_an_inference_only_key_is_refused_and_a_read_only_key_watches(tenant_a):
+    job = await sync_to_async(_job_for)(tenant_a.tenant)
+
+    def key(permissions: str) -> str:
+        return api_key_create(tenant=tenant_a.tenant, user=None, name=permissions, permissions=permissions).secret
+
+    inference_key, read_only_key = await sync_to_async(key)("inference"), await sync_to_async(key)("read_only")
+    for path in (f"/ws/fine_tuning/jobs/{job.public_id}/", "/ws/events/"):
+        communicator, _ = await _connect(path, [_bearer(inference_key)])
+        assert await communicator.receive_output(timeout=10) == {"type": "websocket.close", "code": 4403}
+    watcher, connected = await _connect(f"/ws/fine_tuning/jobs/{job.public_id}/", [_bearer(read_only_key)])
+    assert connected
+    assert (await watcher.receive_json_from(timeout=10))["object"] == "fine_tuning.job"
+    await watcher.disconnect()
 
 
 async def test_tenant_feed_receives_its_own_events_and_browser_session_works(tenant_a):
