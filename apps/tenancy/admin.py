@@ -20,10 +20,10 @@ class TenantAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix", "tenant", "created_at", "last_used_at", "revoked_at"]
-    list_filter = ["tenant"]
-    # The hash is useless to a person and the key itself is never stored: only the key's inference caps (and its
-    # revocation) are editable here.
+    list_display = ["name", "prefix", "tenant", "permissions", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["tenant", "permissions"]
+    # The hash is useless to a person and the key itself is never stored: only the key's permissions, inference caps
+    # (and its revocation) are editable here.
     readonly_fields = ["public_id", "tenant", "name", "prefix", "created_by", "created_at", "last_used_at"]
     exclude = ["key_hash"]
 
