@@ -996,16 +996,18 @@ def test_auto_compiles_where_it_pays(
         assert engine._compile_wanted(forced_config, torch.device(device), packed=packed, steps_left=1) is expected
 
 
-def test_a_machine_whose_compiler_fails_is_found_out_before_a_run_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_machine_whose_compiler_fails_is_found_out_before_a_run_compiles() -> None:
     """A compiler that is there but cannot build (here: /bin/false) makes the probe say no, so auto keeps the run
     eager instead of failing at its first step."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/bin/false"))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a kernel cached earlier would hide the failure
+    # The config's own patch, not monkeypatch: monkeypatch undoes a torch config value by deleting it, which leaves
+    # the setting hidden, and every later compile in the process fails on it. fx_graph_cache off: a kernel cached
+    # earlier would hide the failure.
     engine.cpu_compile_works.cache_clear()
     try:
-        assert engine.cpu_compile_works() is False
+        with inductor_config.patch({"cpp.cxx": (None, "/bin/false"), "fx_graph_cache": False}):
+            assert engine.cpu_compile_works() is False
     finally:
         engine.cpu_compile_works.cache_clear()
         torch._dynamo.reset()

@@ -217,5 +217,10 @@ def test_a_training_run_through_the_packed_body_follows_the_stock_runs_curve(tmp
         assert [data["grad_norm"] for data in packed.metrics] == pytest.approx(stock_norms, rel=1e-3)
         stock_weights = load_file(str(tmp_path / f"{data}-hf" / "model.safetensors"))
         packed_weights = load_file(str(tmp_path / f"{data}-blocked" / "model.safetensors"))
+        # Adam turns a rounding-level difference in a near-zero gradient into a whole step (the blocked kernel sums in
+        # another order), so a few weights may be up to a learning rate per step apart; all others agree to rounding.
+        largest_drift = 2 * runs["hf"].config.learning_rate * len(stock.losses)
         for name, tensor in stock_weights.items():
-            torch.testing.assert_close(packed_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+            difference = (packed_weights[name] - tensor).abs()
+            agreeing = (difference <= 1e-5 + 1e-4 * tensor.abs()).float().mean()
+            assert agreeing >= 0.99 and difference.max() <= largest_drift, (name, float(agreeing))
