@@ -20,10 +20,10 @@ the blocks between documents:
 
 The body is the same parameters as the ``GPT2Model`` it wraps (nothing is copied; checkpoints and exports are the
 stock model's), and it calls the stock submodules for everything but attention, so LoRA adapters that peft injects
-into ``c_attn`` or the MLP take part as they do in the stock forward. Numerically it is the stock forward
-(tests/workers/ml/test_packed_gpt2.py compares hidden states and gradients on packed rows). Attention dropout is
-applied by the ``blocked`` kernel only (the stock module's own dropout module, on the attention weights, as in GPT-2's
-eager attention): with another kernel a model whose ``attn_pdrop`` is above zero keeps the stock path.
+into ``c_attn`` or the MLP take part as they do in the stock forward. Numerically it is the stock forward up to float
+rounding (tests/workers/ml/test_packed_gpt2.py compares hidden states and gradients on packed rows). Attention dropout
+is applied by the ``blocked`` kernel only (the stock module's own dropout module, on the attention weights, as in
+GPT-2's eager attention): with another kernel a model whose ``attn_pdrop`` is above zero keeps the stock path.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ KERNEL_VARIABLE = "TUNEHOUSE_PACKED_ATTENTION"
 # shapes instead of one per document count.
 _SEGMENT_BUCKET = 256
 # Queries per block of the ``blocked`` kernel. Smaller blocks skip more of the causal triangle but make smaller
-# matmuls: on a 2-core AMD EPYC, 64 beat 32 and 128 at rows of 256 tokens.
+# matmuls: one layer's attention (rows of 256 tokens, 4 heads of 64) on a 2-core AMD EPYC was fastest with 64.
 _QUERY_BLOCK = 64
 
 
@@ -51,8 +51,8 @@ def choose_kernel(device: torch.device) -> str:
     """The kernel for packed rows on ``device``: FlexAttention on CUDA (on an H200 with torch 2.11, GPT-2 124M at
     16 x 1024 trained at 337k tokens/s with it, 300k with varlen and 295k with the stock module, compiled alike); the
     written-out ``blocked`` attention on a CPU (flex has no backward there, and SDPA's CPU kernel with a mask was
-    slower than the stock module; GPT-2 mini in bf16 on a 2-core AMD EPYC: 8-15% faster than the stock module, and
-    level with it in fp32)."""
+    slower than the stock module; GPT-2 mini in bf16 on a 2-core AMD EPYC: 7-15% faster than the stock module over
+    several runs of a noisy machine, and level with it in fp32)."""
     forced = os.environ.get(KERNEL_VARIABLE, "").strip()
     if forced:
         if forced not in KERNELS:
