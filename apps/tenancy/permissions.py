@@ -16,17 +16,16 @@ def check_api_key_permissions(request, view) -> None:
     inference routes (views marked ``inference_route``), a read-only key on anything but a read. Sessions and keys
     with all permissions pass; what the caller's role allows is checked apart."""
     context = context_for_request(request)
-    api_key = context.api_key if context is not None else None
-    if api_key is None:
+    if context is None or context.api_key is None:
         return
-    if api_key.permissions == KeyPermissions.INFERENCE and not getattr(view, "inference_route", False):
+    if context.inference_only and not getattr(view, "inference_route", False):
         raise _api_error(
             f"This API key is for inference only (completions, chat completions, predictions and the model list); "
             f"{request.method} {request.path} needs a key with all permissions.",
             code="insufficient_permissions",
             status_code=403,
         )
-    if api_key.permissions == KeyPermissions.READ_ONLY and request.method not in permissions.SAFE_METHODS:
+    if context.api_key.permissions == KeyPermissions.READ_ONLY and request.method not in permissions.SAFE_METHODS:
         raise _api_error(
             f"This API key is read-only: it cannot create, change or delete anything, nor run inference "
             f"({request.method} {request.path}).",
