@@ -32,7 +32,7 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import cpu_activations, fused_loss, metrics, modeling, packed_gpt2, prepared
+from workers.ml import cpu_activations, fused_loss, metrics, modeling, packed_gpt2, prepared, transfer
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -544,21 +544,21 @@ def _summed_loss(
     ``compiled_loss``: the fused loss's chunk work runs compiled (as it always does on CUDA)."""
     if packed_forward is not None and batch.position_ids is not None and batch.attention_mask is None:
         return packed_forward.summed_loss(batch, device)
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
-    attention_mask = batch.attention_mask.to(device, non_blocking=True) if batch.attention_mask is not None else None
+    input_ids = transfer.to_device(batch.input_ids, device)
+    targets = transfer.to_device(batch.targets, device)
+    attention_mask = transfer.to_device(batch.attention_mask, device) if batch.attention_mask is not None else None
     if task == "classification":
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return functional.cross_entropy(logits.float(), targets, reduction="sum")
     if task == "seq2seq":
         logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=targets).logits
     else:
-        position_ids = batch.position_ids.to(device, non_blocking=True) if batch.position_ids is not None else None
+        position_ids = transfer.to_device(batch.position_ids, device) if batch.position_ids is not None else None
         fused = fused_loss.fused_parts(model)
         if fused is not None:
             body, projection = fused
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            trained_rows = fused_loss.trained_row_indices(batch.targets).to(device, non_blocking=True)
+            trained_rows = transfer.to_device(fused_loss.trained_row_indices(batch.targets), device)
             return fused_loss.summed_linear_cross_entropy(
                 hidden.last_hidden_state, projection, targets, trained_rows, compiled=compiled_loss
             )
@@ -1194,12 +1194,12 @@ class _PackedForward:
     def summed_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
         assert batch.position_ids is not None
         hidden = self.body(
-            batch.input_ids.to(device, non_blocking=True),
-            batch.position_ids.to(device, non_blocking=True),
+            transfer.to_device(batch.input_ids, device),
+            transfer.to_device(batch.position_ids, device),
             **packed_gpt2.segment_inputs(batch.position_ids, self.kernel, device),
         )
-        trained_rows = fused_loss.trained_row_indices(batch.targets).to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
+        trained_rows = transfer.to_device(fused_loss.trained_row_indices(batch.targets), device)
+        targets = transfer.to_device(batch.targets, device)
         return fused_loss.summed_linear_cross_entropy(
             hidden, self.projection, targets, trained_rows, compiled=self.compiled_loss
         )

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from workers.ml import transfer
+
 KERNELS = ("hf", "sdpa", "flex", "varlen", "blocked")
 KERNEL_VARIABLE = "TUNEHOUSE_PACKED_ATTENTION"
 """Environment variable that forces one of ``KERNELS`` (benchmarks compare them in one run); unset = automatic."""
@@ -92,8 +94,8 @@ def segment_inputs(position_ids: torch.Tensor, kernel: str, device: torch.device
         padded = -(-(count + 1) // _SEGMENT_BUCKET) * _SEGMENT_BUCKET
         boundaries = torch.full((padded,), total, dtype=torch.int32)
         boundaries[:count] = flat_starts.to(torch.int32)
-        return {"cu_seqlens": boundaries.to(device, non_blocking=True)}
-    documents = (starts.cumsum(dim=1) - 1).to(torch.int32).to(device, non_blocking=True)
+        return {"cu_seqlens": transfer.to_device(boundaries, device)}
+    documents = transfer.to_device((starts.cumsum(dim=1) - 1).to(torch.int32), device)
     if kernel == "blocked":
         # Built once per batch and shared by every layer: 0 where a query may look, -inf elsewhere.
         allowed = _document_dense_mask(documents)

@@ -160,3 +160,34 @@ def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
         _loss_and_gradients(*problem, "cpu"), _loss_and_gradients(*problem, "cuda"), strict=True
     ):
         torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-4)
+
+
+def test_the_compilers_chunk_gradient_equals_the_eager_one_on_padded_logits():
+    """The compiled path's formulation (padding masked to -inf, one-hot by comparison), run eagerly here: on a GPU
+    the projection is padded to a multiple of 64 rows, whose logits are zero, and they must take no probability."""
+    generator = torch.Generator().manual_seed(5)
+    padded_logits = torch.randn(40, 320, generator=generator)
+    padded_logits[:, VOCAB:] = 0
+    targets = torch.randint(0, VOCAB, (40, 1), generator=generator)
+    eager_loss, eager_gradient = fused_loss._logit_gradient(padded_logits, targets, VOCAB)
+    loss, gradient = fused_loss._fusable_logit_gradient(padded_logits, targets, VOCAB)
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(gradient, eager_gradient)
+    assert gradient[:, VOCAB:].eq(0).all()
+    expected = torch.nn.functional.cross_entropy(padded_logits[:, :VOCAB], targets.squeeze(1), reduction="sum")
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()), reason="needs CUDA bf16")
+def test_under_bf16_autocast_on_cuda_the_weight_gradient_is_summed_in_fp32(monkeypatch):
+    """Each chunk's bf16 weight gradient goes into the fp32 sum in one matmul (``out_dtype``): the result is fp32 and
+    close to the fp32 computation on the CPU."""
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+    problem = _chunked_problem()
+    reference = _loss_and_gradients(*problem, "cpu")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grad_hidden, grad_weight = _loss_and_gradients(*problem, "cuda")
+    assert grad_weight.dtype == torch.float32
+    torch.testing.assert_close(loss, reference[0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(grad_hidden, reference[1], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(grad_weight, reference[2], rtol=5e-2, atol=5e-2)
