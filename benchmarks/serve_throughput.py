@@ -30,6 +30,10 @@ Per level: completion tokens per second over the level's wall time, p50/p95 requ
 token, and the speed-up over the baseline's tokens per second. Goal: ≥ 6× the baseline at 32 clients on a CPU, ≥ 20×
 at 64 clients on a GPU (``goal_met``; null when that level was not run).
 
+Per level, ``per_decode_step`` says where the serving process's scheduler spent a decode step (milliseconds of
+forward pass, sampling, waiting for the sampled tokens, emitting text; from its counters in ``/v1/deployments``) and
+how many rows a step decoded on average.
+
 Each finished level is written to stderr as it comes, and the report so far (``"complete": false``) to ``--output``,
 so a run that breaks later still leaves its figures.
 
@@ -181,6 +185,36 @@ def streamed_request(port: int, token: str, prompt: str, max_tokens: int) -> tup
     finished = time.perf_counter()
     connection.close()
     return (first_token_at or finished) - started, finished - started, completion_tokens
+
+
+def scheduler_counters(port: int, token: str) -> dict[str, Any] | None:
+    """The endpoint's scheduler counters from ``GET /v1/deployments`` (``workers.serving.batching.TIMING_PARTS``)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/v1/deployments", headers={"X-Serving-Token": token})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    entry = next((entry for entry in payload.get("data", []) if entry.get("endpoint") == ENDPOINT), None)
+    return entry.get("scheduler") if entry else None
+
+
+def per_decode_step(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What one decode step of a level cost, from the counters before and after it: the mean batch, and each part's
+    milliseconds per decode step (prefills spread over the steps too), so that a host-bound step (``forward_ms``
+    large, ``wait_ms`` small on a GPU) shows apart from a device-bound one."""
+    if not before or not after:
+        return None
+    steps = after["decode_steps"] - before["decode_steps"]
+    if steps <= 0:
+        return None
+    summary: dict[str, Any] = {
+        "decode_steps": steps,
+        "mean_rows": round((after["decoded_rows"] - before["decoded_rows"]) / steps, 1),
+    }
+    for key in after:
+        if key.endswith("_seconds"):
+            summary[key.removesuffix("_seconds") + "_ms"] = round(1000 * (after[key] - before[key]) / steps, 3)
+    return summary
 
 
 def run_level(port: int, token: str, *, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
@@ -363,6 +397,7 @@ def main() -> None:
                 # Kernels load lazily on first use: one untimed burst at the largest batch meets them before timing.
                 run_level(port, token, clients=max(clients_per_level), requests_per_client=1, max_tokens=8)
             for clients in clients_per_level:
+                counters_before = scheduler_counters(port, token)
                 level = run_level(
                     port,
                     token,
@@ -371,6 +406,7 @@ def main() -> None:
                     max_tokens=max_tokens,
                 )
                 level["speedup_vs_sequential"] = round(level["tokens_per_second"] / baseline["tokens_per_second"], 2)
+                level["per_decode_step"] = per_decode_step(counters_before, scheduler_counters(port, token))
                 levels.append(level)
                 goal_level = next((done for done in levels if done["clients"] == goal_clients), None)
                 record(goal_met=None if goal_level is None else goal_level["speedup_vs_sequential"] >= goal_speedup)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 # Every decode step has a new key length and a padding mask. On an H200 (torch 2.11) a cProfile of the scheduler showed
 # each attention call holding the CPU 3-5 ms (GPT-2 124M: 45-85 ms per step, against 7 ms per token for HF generate,
-# which passes no mask). The suspected cause is cuDNN's attention, which builds a plan per new shape; it is left out
-# here (the memory-efficient kernel takes any shape and mask as is). Not yet measured on a GPU after this change.
+# which passes no mask): cuDNN's attention builds a plan per new shape. It is left out here (the memory-efficient
+# kernel takes any shape and mask as is): on the same GPU one client then got 100 tokens/s instead of 22, and 64
+# clients 3,619 instead of 956.
 _DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -282,6 +285,15 @@ def emit_progress(
     sequence.emit(TokenEvent(sequence.index, delta, finish_reason, len(sequence.generated_ids)))
 
 
+# Where the scheduler thread's time goes, in seconds summed since it started (``GenerationScheduler.timings``):
+# "prefill" and "forward" are the model's forward passes of admissions and decode steps as the host sees them (on a
+# GPU, the time to queue their kernels, unless something in them waits for the device), "sampling" queues the draws,
+# "wait" reads the sampled tokens back (on a GPU, mostly waiting for the device to finish the step), "emit" detokenizes
+# and hands text to the callers and drops finished rows. "busy" is the whole of the scheduler's working time; what it
+# has beyond the others is bookkeeping. A step whose "wait" is small next to "forward" is host-bound.
+TIMING_PARTS = ("prefill", "forward", "sampling", "wait", "emit", "busy")
+
+
 class GenerationScheduler:
     """Owns one causal LM (possibly a PeftModel with several adapters) and decodes everything submitted to it."""
 
@@ -305,6 +317,10 @@ class GenerationScheduler:
         self.forward_passes = 0
         """Model forward passes so far (prefills and decode steps): tests and /v1/deployments read it."""
         self.sequences_finished = 0
+        self.timings: dict[str, float] = dict.fromkeys(TIMING_PARTS, 0.0)
+        self.decode_steps = 0
+        self.decoded_rows = 0
+        """Rows summed over decode steps: ``decoded_rows / decode_steps`` is the mean batch."""
         self._pending: list[Sequence] = []
         self._batches: dict[str | None, _Batch] = {}
         self._wakeup = threading.Condition()
@@ -333,6 +349,12 @@ class GenerationScheduler:
             waiting = sum(not sequence.cancelled for sequence in self._pending)
             return waiting + sum(not s.finished for batch in self._batches.values() for s in batch.sequences)
 
+    def timing_report(self) -> dict[str, float | int]:
+        """The counters above as /v1/deployments shows them."""
+        report: dict[str, float | int] = {"decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows}
+        report.update({f"{part}_seconds": round(seconds, 4) for part, seconds in self.timings.items()})
+        return report
+
     def close(self) -> None:
         with self._wakeup:
             self._closed = True
@@ -353,7 +375,7 @@ class GenerationScheduler:
                     break
                 admitted = self._take_pending()
             try:
-                with self.model_lock, torch.inference_mode():
+                with self.model_lock, torch.inference_mode(), self._timed("busy"):
                     for adapter_name, sequences in admitted.items():
                         self._admit(adapter_name, sequences)
                     for adapter_name, batch in list(self._batches.items()):
@@ -365,6 +387,14 @@ class GenerationScheduler:
         for sequence in pending + [s for b in self._batches.values() for s in b.sequences]:
             self._finish(sequence, "length", error=True)
         self._batches.clear()
+
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] += time.perf_counter() - started
 
     def _take_pending(self) -> dict[str | None, list[Sequence]]:
         admitted: dict[str | None, list[Sequence]] = {}
@@ -407,14 +437,16 @@ class GenerationScheduler:
         # Only the last position's logits are sampled: a model that can skip the others (as HF generate asks it to)
         # spares the language-model head on every prompt position.
         last_logits_only = {"logits_to_keep": 1} if self._supports_logits_to_keep else {}
-        outputs = self._forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=_new_cache(),
-            **last_logits_only,
-        )
-        next_tokens = sample_next_tokens(outputs.logits[:, -1, :], sequences, self.device)
+        with self._timed("prefill"):
+            outputs = self._forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=_new_cache(),
+                **last_logits_only,
+            )
+        with self._timed("sampling"):
+            next_tokens = sample_next_tokens(outputs.logits[:, -1, :], sequences, self.device)
         batch = self._batches.setdefault(adapter_name, _Batch())
         first_new_row = len(batch.sequences)  # joined rows go below the running ones
         self._join(batch, sequences, outputs.past_key_values, attention_mask, next_tokens)
@@ -442,15 +474,19 @@ class GenerationScheduler:
         self._select_adapter(adapter_name)
         attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(batch.sequences), 1))], 1)
         position_ids = attention_mask.sum(-1, keepdim=True) - 1
-        outputs = self._forward(
-            input_ids=batch.next_tokens,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=batch.cache,
-        )
+        self.decode_steps += 1
+        self.decoded_rows += len(batch.sequences)
+        with self._timed("forward"):
+            outputs = self._forward(
+                input_ids=batch.next_tokens,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=batch.cache,
+            )
         batch.cache = outputs.past_key_values
         batch.attention_mask = attention_mask
-        batch.next_tokens = sample_next_tokens(outputs.logits[:, -1, :], batch.sequences, self.device)
+        with self._timed("sampling"):
+            batch.next_tokens = sample_next_tokens(outputs.logits[:, -1, :], batch.sequences, self.device)
         self._after_sampling(batch)
 
     def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -461,8 +497,13 @@ class GenerationScheduler:
 
         After an admission only the joined rows have new tokens: the running rows' pending tokens went out at the
         step that sampled them."""
+        with self._timed("wait"):
+            new_tokens = batch.next_tokens[first_new_row:, 0].tolist()  # the step's one wait for the device
+        with self._timed("emit"):
+            self._hand_out_and_drop(batch, first_new_row, new_tokens)
+
+    def _hand_out_and_drop(self, batch: _Batch, first_new_row: int, new_tokens: list[int]) -> None:
         keep: list[int] = []
-        new_tokens = batch.next_tokens[first_new_row:, 0].tolist()  # the step's one wait for the device
         for row, sequence in enumerate(batch.sequences):
             if sequence.cancelled:
                 sequence.finished = True

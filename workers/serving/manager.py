@@ -114,6 +114,8 @@ class ServedModel:
             "adapter": self.adapter_name,
             "shared_base": str(self.shared_base.folder) if self.shared_base else None,
             "forward_passes": self.runner.forward_passes,
+            # Where a generating model's scheduler spends its time (see workers.serving.batching.TIMING_PARTS).
+            "scheduler": self.runner.timing_report() if hasattr(self.runner, "timing_report") else None,
         }
 
 

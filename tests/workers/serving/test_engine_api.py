@@ -151,6 +151,26 @@ async def test_concurrent_requests_are_decoded_in_shared_forward_passes(client, 
     assert forward_passes < sequential_passes / 2, (forward_passes, sequential_passes)
 
 
+async def test_deployments_show_where_the_schedulers_time_goes(client, gpt2_endpoint):
+    await client.generate(endpoint=gpt2_endpoint, prompt=PROMPT, max_tokens=2)  # loaded before counting
+    [before] = await client.deployments()
+
+    responses = await asyncio.gather(
+        *[client.generate(endpoint=gpt2_endpoint, prompt=f"{PROMPT} {i}", max_tokens=16) for i in range(6)]
+    )
+
+    assert all(response.status == 200 for response in responses)
+    [after] = await client.deployments()
+    spent = {key: after["scheduler"][key] - before["scheduler"][key] for key in after["scheduler"]}
+    # Six requests of up to 16 tokens shared decode steps: more than one row per step on average.
+    assert 0 < spent["decode_steps"] < spent["decoded_rows"]
+    parts = ("prefill", "forward", "sampling", "wait", "emit")
+    assert all(spent[f"{part}_seconds"] >= 0 for part in parts)
+    assert spent["forward_seconds"] > 0 and spent["prefill_seconds"] > 0
+    # The parts are disjoint pieces of the scheduler's working time.
+    assert sum(spent[f"{part}_seconds"] for part in parts) <= spent["busy_seconds"] + 1e-3
+
+
 async def test_chat_messages_use_the_deployments_template(app, client, redis_client, upload, gpt2_folder):
     endpoint = new_endpoint()
     await deploy(app, redis_client, deployment_record(endpoint, upload(gpt2_folder), chat_template="chatml"))
