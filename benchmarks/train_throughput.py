@@ -35,6 +35,10 @@ Attention of packed rows (``--kernels``): the engine's packed-row kernel is chos
 (``by_kernel``), and ``ours`` is the one a job would get. A kernel that fails is reported under ``failed_kernels``.
 Goal on CUDA: ``mfu`` ≥ 0.35 (``goal_met``); on a CPU: a speed-up ≥ 4×.
 
+Profile (``--profile-steps N``): the engine trains N more steps after the timed ones under torch.profiler, and each
+run's ``profile`` lists the kernels (CUDA) or operators (CPU) that took the most time per step, and on CUDA the share
+of the step's wall time the device was busy (well under 1: the step waits on the host).
+
 Defaults on a CPU: model "mini", max_length 256, batch 8, torch threads = half the cores (what the engine uses on a
 CPU, and never more: the engine lowers a higher count). On CUDA the reference setting: "base" (GPT-2 ~124M with a ~50k
 vocabulary), max_length 1024, batch 16, and torch.compile for the engine where it compiles (compile "auto").
@@ -137,9 +141,11 @@ def _training_config(spec: dict[str, Any]):
         tokenizer=spec["tokenizer"],
         max_length=spec["max_length"],
         batch_size=spec["batch_size"],
-        max_steps=spec["warmup_steps"] + spec["steps"],
+        max_steps=spec["warmup_steps"] + spec["steps"] + spec.get("profile_steps", 0),
         warmup_steps=spec["warmup_steps"],
-        # Metrics events are where steps are timed, and each one waits for the device: as few as the timing needs.
+        # Metrics events are where steps are timed, and each one waits for the device: as few as the timing needs
+        # (with the default 5 warm-up and 20 timed steps, one per 5 steps: a job's default). The last step, where
+        # profiling ends, always has one.
         log_every_steps=math.gcd(spec["warmup_steps"], spec["steps"]),
         compile=spec["compile"],
         precision=spec["precision"],
@@ -175,17 +181,26 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     training_sets.BatchSource.collate = counting_collate
 
+    warmup, steps, profile_steps = spec["warmup_steps"], spec["steps"], spec.get("profile_steps", 0)
+
     class Recorder:
         def __init__(self) -> None:
             self.step_times: dict[int, float] = {}
             self.start: dict[str, Any] = {}
             self.threads = 0
+            self.profiler: torch.profiler.profile | None = None
 
         def on_event(self, event) -> None:
             if event.type == "metrics":
                 # The engine reads the loss (.item()) before emitting: on CUDA the step's work is done by now.
-                self.step_times[event.data["step"]] = time.perf_counter()
+                step = event.data["step"]
+                self.step_times[step] = time.perf_counter()
                 self.threads = torch.get_num_threads()
+                # The profiled steps come after the timed ones, so profiling never slows what is timed.
+                if profile_steps and step == warmup + steps:
+                    self.profiler = _start_profiler(torch)
+                elif self.profiler is not None and step == warmup + steps + profile_steps:
+                    self.profiler.stop()
             elif event.data and "num_parameters" in event.data:
                 self.start = dict(event.data)
 
@@ -194,11 +209,16 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     recorder = Recorder()
     result = run_training(_training_config(spec), recorder)
-    warmup, steps = spec["warmup_steps"], spec["steps"]
     timed = collated[warmup : warmup + steps]
-    if result.steps_completed != warmup + steps or len(collated) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} steps, got {result.steps_completed} ({len(collated)} batches)")
+    expected = warmup + steps + profile_steps
+    if result.steps_completed != expected or len(collated) != expected:
+        raise RuntimeError(f"expected {expected} steps, got {result.steps_completed} ({len(collated)} batches)")
+    profile = {}
+    if recorder.profiler is not None:
+        profiled_seconds = recorder.step_times[expected] - recorder.step_times[warmup + steps]
+        profile = {"profile": _profile_summary(recorder.profiler, profile_steps, profiled_seconds)}
     return {
+        **profile,
         "seconds": recorder.step_times[warmup + steps] - recorder.step_times[warmup],
         "useful_tokens": sum(useful for useful, _, _ in timed),
         "engine_counted_tokens": sum(counted for _, counted, _ in timed),
@@ -210,6 +230,65 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": recorder.threads,
         "attention_kernel": spec["kernel"],
     }
+
+
+def _start_profiler(torch):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def _profile_summary(profiler, steps: int, seconds: float, top: int = 40) -> dict[str, Any]:
+    """What the profiled steps spent their time on: on a GPU the kernels (and copies) that ran on the device, with the
+    milliseconds per step each took, grouped into matmuls, attention and the rest, and the share of the steps' wall
+    time the device was busy at all (well under 1: the step waits on the host: Python, kernel launches,
+    synchronisations); on a CPU the operators' self time. The steps' wall time includes the profiler's own cost."""
+    import torch
+
+    events = list(profiler.key_averages())
+    device_events = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
+    if device_events:
+        ranked = sorted(device_events, key=lambda event: event.self_device_time_total, reverse=True)
+        times = {event.key: event.self_device_time_total / 1000 / steps for event in ranked}
+    else:
+        ranked = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)
+        times = {event.key: event.self_cpu_time_total / 1000 / steps for event in ranked}
+    busy_ms = sum(times.values())
+    step_ms = 1000 * seconds / steps
+    summary: dict[str, Any] = {
+        "measured": "device kernels and copies" if device_events else "CPU operators (self time)",
+        "steps": steps,
+        "wall_ms_per_step": round(step_ms, 2),
+        "busy_ms_per_step": round(busy_ms, 2),
+        "busy_share": round(busy_ms / step_ms, 3) if device_events else None,
+    }
+    if device_events:
+        groups = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "cublas"), "attention": ("flex", "flash", "fmha")}
+        by_group = dict.fromkeys([*groups, "other"], 0.0)
+        for name, milliseconds in times.items():
+            group = next((group for group, marks in groups.items() if any(m in name.lower() for m in marks)), "other")
+            by_group[group] += milliseconds
+        summary["ms_per_step_by_group"] = {group: round(value, 2) for group, value in by_group.items()}
+    summary["top"] = [
+        {"name": event.key[:120], "ms_per_step": round(times[event.key], 3), "calls_per_step": event.count / steps}
+        for event in ranked[:top]
+    ]
+    if device_events:
+        # What the host spends on each operator (dispatch, launches, Python under it): a step whose host time
+        # exceeds its device time leaves the device idle.
+        host = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)
+        summary["host_top"] = [
+            {
+                "name": event.key[:120],
+                "self_cpu_ms_per_step": round(event.self_cpu_time_total / 1000 / steps, 3),
+                "calls_per_step": event.count / steps,
+            }
+            for event in host[:15]
+        ]
+    return summary
 
 
 def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +456,7 @@ def _summary(runs: list[dict[str, Any]], cuda: bool, steps: int) -> dict[str, An
     for key in ("peak_rss_mb", "peak_rss_growth_mb", "peak_cuda_allocated_mb"):
         if key in raw:
             summary[key] = max(run[key] for run in runs)
-    for key in ("rss_after_imports_mb", "precision", "threads", "train_rows", "attention_kernel"):
+    for key in ("rss_after_imports_mb", "precision", "threads", "train_rows", "attention_kernel", "profile"):
         if key in raw:
             summary[key] = raw[key]
     return summary
@@ -401,7 +480,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, help="default: 256 on CPU, 1024 on CUDA")
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 16 on CUDA")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them (at least 1)")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=5,
+        help="untimed steps before them (at least 1); metrics events, each of which waits for the device, come every "
+        "gcd(warm-up, timed) steps",
+    )
     parser.add_argument("--documents", type=int, help="generated documents; default: 4000 on CPU, 20000 on CUDA")
     parser.add_argument("--vocab-size", type=int, help="BPE vocabulary; default: 8192 on CPU, 50257 on CUDA")
     parser.add_argument("--lengths", choices=("uniform", "log-uniform"), default="uniform", help="words per document")
@@ -421,11 +506,20 @@ def main() -> None:
         help="the engine's precision; best: bf16 where the device has bf16 kernels (CUDA, or a CPU whose oneDNN has "
         "them), else fp32",
     )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile the engine for this many more steps after the timed ones (torch.profiler): the top kernels "
+        "and how busy the device was, under each run's 'profile'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the JSON report to this file")
     arguments = parser.parse_args()
     if arguments.warmup_steps < 1 or arguments.steps < 1 or (arguments.repeats is not None and arguments.repeats < 1):
         parser.error("--steps, --warmup-steps and --repeats must be at least 1")
+    if arguments.profile_steps < 0:
+        parser.error("--profile-steps must be at least 0")
 
     import torch
 
@@ -499,7 +593,8 @@ def main() -> None:
             for kernel in kernels:
                 # One kernel that fails on this device (say, a torch without it) must not lose the others' figures.
                 try:
-                    runs[kernel].append(_run_side("ours", dict(spec, kernel=kernel), folder))
+                    ours_spec = dict(spec, kernel=kernel, profile_steps=arguments.profile_steps)
+                    runs[kernel].append(_run_side("ours", ours_spec, folder))
                 except RuntimeError as error:
                     failures[kernel] = str(error)[-2000:]
         wall_seconds = time.perf_counter() - started

@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(tests train serve)
+[ ${#parts[@]} -gt 0 ] || parts=(tests serve train)
 python -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/platform PATH=$PWD/.whl/bin:$PATH
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,11 +20,11 @@ for part in "${parts[@]}"; do
         tests/workers/ml/test_packed_gpt2.py tests/workers/ml/test_fused_loss.py tests/workers/ml/test_optimization.py \
         tests/workers/serving/test_kv_cache.py::test_rows_join_leave_and_grow_with_every_row_keeping_its_own_positions \
         > "$OUT/cuda_tests.txt" 2>&1 ;;
-    train)  # GPT-2 124M, 16 x 1024, bf16, compiled; the Trainer baseline in the same run
-      timeout 300 python benchmarks/train_throughput.py --kernels flex,varlen --output "$OUT/train.json" \
+    train)  # GPT-2 124M, 16 x 1024, bf16, compiled; the Trainer baseline in the same run; 3 profiled steps after
+      timeout 300 python benchmarks/train_throughput.py --kernels flex --profile-steps 3 --output "$OUT/train.json" \
         > "$OUT/train.log" 2>&1 ;;
     serve)  # GPT-2 12 x 768, 128 new tokens, 1/8/32/64 clients against sequential generate
-      timeout 200 python benchmarks/serve_throughput.py --device cuda --output "$OUT/serve.json" \
+      timeout 180 python benchmarks/serve_throughput.py --device cuda --output "$OUT/serve.json" \
         > "$OUT/serve.log" 2>&1 ;;
     *) echo "unknown part: $part" >&2 ;;
   esac
