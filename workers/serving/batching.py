@@ -20,6 +20,7 @@ switches the adapter (``set_adapter``) before each batch's step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -76,6 +77,10 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     generated_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0
+    text: str = ""
+    """The decoded text of ``generated_ids[:read_offset]`` (``emit_progress`` extends it a few tokens at a time)."""
+    prefix_offset: int = 0
+    read_offset: int = 0
     finished: bool = False
     cancelled: bool = False
     generator: torch.Generator = field(init=False)
@@ -248,6 +253,23 @@ def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence], device: 
     return tokens[:, None]
 
 
+def extend_text(sequence: Sequence, ids: list[int], tokenizer, *, final: bool) -> str:
+    """``sequence.text`` brought up to ``ids`` (the sequence's generated ids, all or all but a stop token), decoding
+    only the tokens since the last few: decoding every id at every step costs time that grows with the text (a
+    thousand tokens into a reply, more than the step itself at 64 rows). The new text is what decoding from
+    ``prefix_offset`` adds beyond the already decoded tokens ``prefix_offset:read_offset``: starting a few tokens back
+    keeps what a token decodes to in context (a SentencePiece word's leading space, a byte-level BPE character split
+    over tokens). A tail that decodes to an unfinished character (``\ufffd``) waits for the next token, unless
+    ``final``."""
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    decoded = decode(ids[sequence.prefix_offset : sequence.read_offset])
+    extended = decode(ids[sequence.prefix_offset :])
+    if len(extended) > len(decoded) and (final or not extended.endswith("\ufffd")):
+        sequence.text += extended[len(decoded) :]
+        sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(ids)
+    return sequence.text
+
+
 def emit_progress(
     sequence: Sequence, token: int, tokenizer, *, eos_token_id: int | None, max_positions: int | None = None
 ) -> None:
@@ -263,7 +285,7 @@ def emit_progress(
         max_positions and len(sequence.prompt_ids) + len(ids) >= max_positions
     ):
         finish_reason = "length"
-    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = extend_text(sequence, ids, tokenizer, final=finish_reason is not None)
     for stop in sequence.params.stop:
         found = text.find(stop, max(0, sequence.emitted_chars - len(stop)))
         if found != -1:
