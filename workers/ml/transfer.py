@@ -1,4 +1,4 @@
-"""Copies of a batch's host tensors to the training device that leave the host free to go on."""
+"""Copies of host tensors (a training batch, a serving step's inputs) to a device that leave the host free to go on."""
 
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from workers.ml import transfer
+
 logger = logging.getLogger(__name__)
 
 # Every decode step has a new key length and a padding mask. On an H200 (torch 2.11) a cProfile of the scheduler showed
@@ -208,10 +210,8 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 def host_values_on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor built on the host and copied to ``device`` without waiting for the device (a blocking copy would
-    stall the calling thread until the queued forward pass is done). Copies bound for a GPU go through pinned memory:
-    only such a copy leaves the thread free to go on while the device works (one from pageable memory may wait for
-    the device's queue first)."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    stall the calling thread until the queued forward pass is done; see ``workers.ml.transfer``)."""
+    return transfer.to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence], device: torch.device) -> torch.Tensor:
