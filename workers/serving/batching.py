@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from workers.ml import transfer
+from workers.serving import attention
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,20 @@ class _SlottedLayer(DynamicLayer):
     column in place, joining rows writes the new rows, dropping rows moves the last rows into the gaps and trimming
     padding moves ``start``. (``DynamicLayer`` concatenates every step, and rebuilding the whole cache at every join
     or drop took a fifth of the serving process's time at 32 clients on a CPU.) Padding columns hold zeros or an
-    old row's finite values: the attention mask gives them no weight."""
+    old row's finite values: the attention mask gives them no weight.
+
+    ``storage_dtype`` (None: the incoming keys' dtype) stores keys and values wider than the model computes them:
+    float32 for a half-precision model on a CPU (see ``workers.serving.attention``)."""
 
     spare_positions = 64
     spare_rows = 8
 
+    def __init__(self, storage_dtype: torch.dtype | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.storage_dtype = storage_dtype
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.storage_dtype or key_states.dtype, key_states.device
         self.is_initialized = True
         self._rows = key_states.shape[0]
         self._start = self._end = 0
@@ -179,7 +187,7 @@ class _SlottedLayer(DynamicLayer):
         to start at column ``left``."""
         width = self._end - self._start
         shape = (max(rows, self._rows), like.shape[1], left + positions + self.spare_positions, like.shape[-1])
-        key_buffer, value_buffer = like.new_zeros(shape), like.new_zeros(shape)
+        key_buffer, value_buffer = like.new_zeros(shape, dtype=self.dtype), like.new_zeros(shape, dtype=self.dtype)
         if self._key_buffer is not None and width:
             live = (slice(None, self._rows), slice(None), slice(self._start, self._end))
             key_buffer[: self._rows, :, left : left + width] = self._key_buffer[live]
@@ -193,9 +201,9 @@ class _SlottedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _new_cache() -> DynamicCache:
+def _new_cache(storage_dtype: torch.dtype | None = None) -> DynamicCache:
     cache = DynamicCache()
-    cache.layer_class_to_replicate = _SlottedLayer
+    cache.layer_class_to_replicate = functools.partial(_SlottedLayer, storage_dtype=storage_dtype)
     return cache
 
 
@@ -336,6 +344,8 @@ class GenerationScheduler:
         self.eos_token_id = tokenizer.eos_token_id
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's base
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
+        self.cache_dtype = attention.prepare_cache_dtype(model)
+        """The key/value cache's dtype where it differs from the model's (float32 for bf16 on a CPU), else None."""
         self.forward_passes = 0
         """Model forward passes so far (prefills and decode steps): tests and /v1/deployments read it."""
         self.sequences_finished = 0
@@ -464,7 +474,7 @@ class GenerationScheduler:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=_new_cache(),
+                past_key_values=_new_cache(self.cache_dtype),
                 **last_logits_only,
             )
         with self._timed("sampling"):

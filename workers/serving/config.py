@@ -33,7 +33,8 @@ class ServingConfig:
     """Where models run, ``cpu`` or ``cuda`` (``SERVING_DEVICE``; ``auto``, the default, takes the GPU if any)."""
     dtype: torch.dtype
     """Loaded models' parameter type (``SERVING_DTYPE``: ``float32``, ``bfloat16`` or ``float16``; ``auto``, the
-    default, is bfloat16 on a GPU that supports it, else float16 on a GPU, and float32 on the CPU)."""
+    default, is bfloat16 on a GPU that supports it, else float16 on a GPU; on a CPU bfloat16 where it has bfloat16
+    instructions (AVX512-BF16 or AMX), else float32)."""
     instance_id: str
     """``host:pid:port``, the field this process writes in each ``serving:status:<endpoint>`` hash."""
     advertised_url: str = ""
@@ -120,9 +121,18 @@ def dtype_from_setting(value: str, device: str) -> torch.dtype:
     choice = value.strip().lower()
     if choice == "auto":
         if device == "cpu":
-            return torch.float32
+            return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
         # Native support only: GPUs before Ampere emulate bfloat16, slower than float16.
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if choice not in _DTYPES:
         raise ValueError(f"SERVING_DTYPE must be auto, float32, bfloat16 or float16, not {value!r}.")
     return _DTYPES[choice]
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), which oneDNN's matmuls use: there a
+    bfloat16 model decodes faster than a float32 one (half the bytes of weights to stream, and the cache stays float32,
+    see ``workers.serving.attention``). Elsewhere bfloat16 is emulated, no faster than float32, and auto keeps float32.
+    (torch's checks are private functions of ``torch.cpu``: a build without them counts as no.)"""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)

@@ -99,6 +99,9 @@ def make_app(storage_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkey
     """A serving app on the session's Redis; several may run at once, like several serving processes."""
     monkeypatch.setenv("STORAGE_DIR", str(storage_dir))
     monkeypatch.delenv("S3_BUCKET", raising=False)
+    # These tests compare served text with float32 references; auto would serve bfloat16 on a CPU with bfloat16
+    # instructions (test_serving_device covers that). A test that sets SERVING_DTYPE itself overrides this.
+    monkeypatch.setenv("SERVING_DTYPE", "float32")
     started: list[ServingApp] = []
 
     def make(**overrides) -> ServingApp:

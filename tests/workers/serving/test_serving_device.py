@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.workers.serving.conftest import new_endpoint
 from tests.workers.serving.helpers import AsgiClient, deploy, deployment_record
-from workers.serving.batching import GenerationScheduler, SamplingParams, Sequence, TokenEvent
-from workers.serving.config import ServingConfig
+from workers.serving.attention import WIDER_CACHE_ATTENTION
+from workers.serving.batching import GenerationScheduler, SamplingParams, Sequence, TokenEvent, _new_cache
+from workers.serving.config import ServingConfig, cpu_has_native_bfloat16
 from workers.serving.loading import load_plain_model, load_tokenizer, model_memory_bytes, place_model
 from workers.serving.registry import CAUSAL_LM
 
@@ -23,10 +25,31 @@ def without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def test_auto_runs_on_the_cpu_in_float32_when_there_is_no_gpu(without_gpu):
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)],
+)
+def test_auto_on_a_cpu_is_bfloat16_where_it_has_bfloat16_instructions_else_float32(
+    without_gpu, monkeypatch, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
     config = ServingConfig.from_env({})
 
-    assert (config.device, config.dtype) == ("cpu", torch.float32)
+    assert (config.device, config.dtype) == ("cpu", expected)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_the_bfloat16_check_agrees_with_the_cpus_own_flags():
+    flags = {
+        flag
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+
+    assert cpu_has_native_bfloat16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.parametrize(("bfloat16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
@@ -137,6 +160,54 @@ def test_a_seeded_sequence_in_bfloat16_gives_the_same_text_alone_and_in_a_changi
     for batched in (together[0], running):
         assert batched.sequence.generated_ids == alone.sequence.generated_ids
         assert batched.text == alone.text
+
+
+def test_a_bfloat16_model_on_a_cpu_keeps_its_cache_in_float32_and_a_float32_one_is_left_alone(
+    bfloat16_scheduler, gpt2_folder
+):
+    scheduler = bfloat16_scheduler
+    assert scheduler.cache_dtype == torch.float32
+    assert scheduler.model.config._attn_implementation == WIDER_CACHE_ATTENTION
+    input_ids = torch.tensor([scheduler.tokenizer(PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        outputs = scheduler.model(
+            input_ids=input_ids, past_key_values=_new_cache(scheduler.cache_dtype), use_cache=True
+        )
+    assert outputs.logits.dtype == torch.bfloat16
+    assert {layer.keys.dtype for layer in outputs.past_key_values.layers} == {torch.float32}
+
+    float32_model = load_plain_model(gpt2_folder, CAUSAL_LM)
+    float32_scheduler = GenerationScheduler(float32_model, scheduler.tokenizer, name="float32")
+    try:
+        assert float32_scheduler.cache_dtype is None
+        assert float32_model.config._attn_implementation == "sdpa"
+    finally:
+        float32_scheduler.close()
+
+
+def test_bfloat16_greedy_text_in_a_batch_is_what_the_model_generates_alone_over_a_float32_cache(bfloat16_scheduler):
+    scheduler = bfloat16_scheduler
+    tokenizer = scheduler.tokenizer
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, top_p=1.0)
+    prompts = ["The old sailor", "Once upon a time, in a village by the sea, there lived", "A cat", "It was"]
+    requests = [_Request(tokenizer, index, prompt, greedy) for index, prompt in enumerate(prompts)]
+    scheduler.submit([request.sequence for request in requests])
+    _wait_for_all(requests)
+
+    for request in requests:
+        input_ids = torch.tensor([request.sequence.prompt_ids])
+        with torch.inference_mode():
+            output = scheduler.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=_new_cache(torch.float32),
+                max_new_tokens=greedy.max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        alone = output[0, input_ids.shape[1] :].tolist()
+        assert request.sequence.generated_ids == alone[: len(request.sequence.generated_ids)]
+        assert len(request.sequence.generated_ids) == len(alone) or alone[-1] == tokenizer.eos_token_id
 
 
 @pytest.mark.asyncio
