@@ -152,6 +152,18 @@ def test_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
         torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_under_bf16_autocast_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
+    """bf16 logits compile to the fusable formulation on a CPU (fp32 ones to the scatter one): same results."""
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 50 * VOCAB * 4)
+    problem = _chunked_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _loss_and_gradients(*problem, "cpu")
+        compiled = _loss_and_gradients(*problem, "cpu", compiled=True)
+    for compiled_value, eager_value in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(compiled_value, eager_value, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk path runs on CUDA only")
 def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
     monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
