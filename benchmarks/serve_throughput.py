@@ -23,9 +23,9 @@ request is the same for the baseline and the server.
 
 Baseline: ``model.generate`` one request after another in this process (temperature 0.8, top_p 1, KV cache on),
 with the same prompts and the same torch thread count as the server. On a CPU serving bfloat16, the baseline runs
-in float32 as well (``baseline_sequential_hf_generate_float32``): HF ``generate`` of one row is no faster in
-bfloat16 there, and each level's ``speedup_vs_sequential`` is over the faster of the two baselines
-(``baseline_tokens_per_second``), so a change of dtype never flatters the speed-up.
+in float32 as well (``baseline_sequential_hf_generate_float32``): HF ``generate`` of one row gains little or nothing
+from bfloat16 there (its attention's bfloat16 kernel is slow), and each level's ``speedup_vs_sequential`` is over the
+faster of the two baselines (``baseline_tokens_per_second``), so a change of dtype never flatters the speed-up.
 
 Server: ``python -m workers.serving`` under uvicorn (its own process), a private Redis holding the deployment, the
 model loaded before measuring. Each client is a thread that sends its requests one after another

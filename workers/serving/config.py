@@ -132,7 +132,8 @@ def dtype_from_setting(value: str, device: str) -> torch.dtype:
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), which oneDNN's matmuls use: there a
     bfloat16 model decodes faster than a float32 one (half the bytes of weights to stream, and the cache stays float32,
-    see ``workers.serving.attention``). Elsewhere bfloat16 is emulated, no faster than float32, and auto keeps float32.
+    see ``workers.serving.attention``). Elsewhere oneDNN emulates bfloat16 (never measured to pay) and auto keeps
+    float32.
     (torch's checks are private functions of ``torch.cpu``: a build without them counts as no.)"""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
