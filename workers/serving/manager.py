@@ -102,12 +102,19 @@ class ServedModel:
         return self.deployment.revision
 
     def describe(self, state: str) -> dict[str, Any]:
+        parameter = next(self.runner.model.parameters())
+        generating = isinstance(self.runner, GenerationScheduler)
         return {
             "endpoint": self.endpoint,
             "revision": self.revision,
             "task": self.deployment.task,
             "state": state,
             "memory_bytes": self.memory_bytes,
+            # What SERVING_DEVICE and SERVING_DTYPE resolved to here (auto differs between machines), and a
+            # generating model's key/value cache dtype (float32 for a bf16 model on a CPU: workers.serving.attention).
+            "device": parameter.device.type,
+            "dtype": _dtype_name(parameter.dtype),
+            "kv_cache_dtype": _dtype_name(self.runner.cache_dtype or parameter.dtype) if generating else None,
             "last_used": self.last_used,
             "loaded_at": self.loaded_at,
             "in_flight": self.in_flight,
@@ -117,6 +124,10 @@ class ServedModel:
             # Where a generating model's scheduler spends its time (see workers.serving.batching.TIMING_PARTS).
             "scheduler": self.runner.timing_report() if hasattr(self.runner, "timing_report") else None,
         }
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class ModelManager:

@@ -169,6 +169,8 @@ async def test_deployments_show_where_the_schedulers_time_goes(client, gpt2_endp
     assert spent["forward_seconds"] > 0 and spent["prefill_seconds"] > 0
     # The parts are disjoint pieces of the scheduler's working time.
     assert sum(spent[f"{part}_seconds"] for part in parts) <= spent["busy_seconds"] + 1e-3
+    # And what it runs on (these tests pin SERVING_DTYPE=float32).
+    assert (after["device"], after["dtype"], after["kv_cache_dtype"]) == ("cpu", "float32", "float32")
 
 
 async def test_chat_messages_use_the_deployments_template(app, client, redis_client, upload, gpt2_folder):

@@ -225,6 +225,9 @@ async def test_the_served_model_takes_the_configured_dtype(make_app, monkeypatch
     served, _ = await app.service.manager.acquire(endpoint)
     try:
         assert {parameter.dtype for parameter in served.runner.model.parameters()} == {torch.bfloat16}
+        # The process says what it serves: bf16 weights, and on a CPU a float32 key/value cache.
+        (shown,) = [row for row in await AsgiClient(app).deployments() if row["endpoint"] == endpoint]
+        assert (shown["device"], shown["dtype"], shown["kv_cache_dtype"]) == ("cpu", "bfloat16", "float32")
         # The memory budget counts what is resident: two bytes a parameter now.
         float32_bytes = model_memory_bytes(load_plain_model(gpt2_folder, CAUSAL_LM))
         assert served.memory_bytes * 2 == float32_bytes
