@@ -203,9 +203,10 @@ def scheduler_counters(port: int, token: str) -> dict[str, Any] | None:
 
 
 def per_decode_step(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What one decode step of a level cost, from the counters before and after it: the mean batch, and each part's
-    milliseconds per decode step (prefills spread over the steps too), so that a host-bound step (``forward_ms``
-    large, ``wait_ms`` small on a GPU) shows apart from a device-bound one."""
+    """What one decode step of a level cost, from the counters before and after it: the mean batch, the level's
+    prefills (admissions) and the prompts they took, and each part's milliseconds per decode step (prefills spread
+    over the steps too), so that a host-bound step (``forward_ms`` large, ``wait_ms`` small on a GPU) shows apart
+    from a device-bound one."""
     if not before or not after:
         return None
     steps = after["decode_steps"] - before["decode_steps"]
@@ -214,6 +215,8 @@ def per_decode_step(before: dict[str, Any] | None, after: dict[str, Any] | None)
     summary: dict[str, Any] = {
         "decode_steps": steps,
         "mean_rows": round((after["decoded_rows"] - before["decoded_rows"]) / steps, 1),
+        "prefills": after["prefills"] - before["prefills"],
+        "prefilled_rows": after["prefilled_rows"] - before["prefilled_rows"],
     }
     for key in after:
         if key.endswith("_seconds"):

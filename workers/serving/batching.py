@@ -353,6 +353,9 @@ class GenerationScheduler:
         self.decode_steps = 0
         self.decoded_rows = 0
         """Rows summed over decode steps: ``decoded_rows / decode_steps`` is the mean batch."""
+        self.prefills = 0
+        self.prefilled_rows = 0
+        """Prompts summed over prefills: ``prefilled_rows / prefills`` is the mean admission."""
         self._pending: list[Sequence] = []
         self._batches: dict[str | None, _Batch] = {}
         self._wakeup = threading.Condition()
@@ -383,7 +386,12 @@ class GenerationScheduler:
 
     def timing_report(self) -> dict[str, float | int]:
         """The counters above as /v1/deployments shows them."""
-        report: dict[str, float | int] = {"decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows}
+        report: dict[str, float | int] = {
+            "decode_steps": self.decode_steps,
+            "decoded_rows": self.decoded_rows,
+            "prefills": self.prefills,
+            "prefilled_rows": self.prefilled_rows,
+        }
         report.update({f"{part}_seconds": round(seconds, 4) for part, seconds in self.timings.items()})
         return report
 
@@ -469,6 +477,8 @@ class GenerationScheduler:
         # Only the last position's logits are sampled: a model that can skip the others (as HF generate asks it to)
         # spares the language-model head on every prompt position.
         last_logits_only = {"logits_to_keep": 1} if self._supports_logits_to_keep else {}
+        self.prefills += 1
+        self.prefilled_rows += len(sequences)
         with self._timed("prefill"):
             outputs = self._forward(
                 input_ids=input_ids,

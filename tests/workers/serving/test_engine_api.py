@@ -164,6 +164,7 @@ async def test_deployments_show_where_the_schedulers_time_goes(client, gpt2_endp
     spent = {key: after["scheduler"][key] - before["scheduler"][key] for key in after["scheduler"]}
     # Six requests of up to 16 tokens shared decode steps: more than one row per step on average.
     assert 0 < spent["decode_steps"] < spent["decoded_rows"]
+    assert 1 <= spent["prefills"] <= spent["prefilled_rows"] == 6
     parts = ("prefill", "forward", "sampling", "wait", "emit")
     assert all(spent[f"{part}_seconds"] >= 0 for part in parts)
     assert spent["forward_seconds"] > 0 and spent["prefill_seconds"] > 0
