@@ -72,7 +72,7 @@ if str(REPOSITORY_ROOT) not in sys.path:
 from benchmarks.machine import cpu_model  # noqa: E402  (the repository root is on sys.path from here)
 from workers.ml.data.samples import write_sample_datasets  # noqa: E402
 from workers.ml.tokenizer_training import TokenizerSpec, train_tokenizer  # noqa: E402
-from workers.serving.config import device_from_setting, dtype_from_setting  # noqa: E402
+from workers.serving.config import device_from_setting, dtype_from_setting, dtype_name  # noqa: E402
 from workers.serving.registry import CHANGED_CHANNEL, DEPLOYMENTS_KEY  # noqa: E402
 from workers.storage import LocalFolderStore  # noqa: E402
 
@@ -299,7 +299,7 @@ def main() -> None:
     arguments = parser.parse_args()
     device = device_from_setting(arguments.device)
     dtype = dtype_from_setting(arguments.dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
+    served_dtype = dtype_name(dtype)
     defaults = DEFAULTS[device]
     layers = arguments.layers or defaults["layers"]
     width = arguments.width or defaults["width"]
@@ -314,7 +314,7 @@ def main() -> None:
         "torch_threads": arguments.threads,
         "torch": torch.__version__,
         "device": device,
-        "dtype": dtype_name,
+        "dtype": served_dtype,
     }
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
@@ -372,7 +372,7 @@ def main() -> None:
             SERVING_TOKEN=token,
             SERVING_THREADS=str(arguments.threads),
             SERVING_DEVICE=device,
-            SERVING_DTYPE=dtype_name,
+            SERVING_DTYPE=served_dtype,
             TUNEHOUSE_DATA_DIR=str(work_dir),
         )
         if defaults["memory_budget_mb"] is not None:

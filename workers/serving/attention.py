@@ -37,14 +37,14 @@ AttentionInterface.register(WIDER_CACHE_ATTENTION, sdpa_over_wider_cache)
 AttentionMaskInterface.register(WIDER_CACHE_ATTENTION, sdpa_mask)
 
 
-def prepare_cache_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype a generation scheduler should keep ``model``'s key/value cache in: float32 for a half-precision
-    model on a CPU whose attention goes through SDPA (the model is switched to ``sdpa_over_wider_cache`` here); None
-    (the model's own dtype) anywhere else: on a GPU, in float32, or for a model with its own attention code."""
-    parameter = next(model.parameters())
+def prepare_cache_dtype(base_model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a generation scheduler should keep ``base_model``'s key/value cache in (the transformers model, a
+    PeftModel's base): float32 for a half-precision model on a CPU whose attention goes through SDPA (the model is
+    switched to ``sdpa_over_wider_cache`` here); None (the model's own dtype) anywhere else: on a GPU, in float32, or
+    for a model with its own attention code."""
+    parameter = next(base_model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype not in _HALF_DTYPES:
         return None
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's base
     config = getattr(base_model, "config", None)
     if config is None or not hasattr(base_model, "set_attn_implementation"):
         return None

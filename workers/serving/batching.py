@@ -344,7 +344,7 @@ class GenerationScheduler:
         self.eos_token_id = tokenizer.eos_token_id
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's base
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
-        self.cache_dtype = attention.prepare_cache_dtype(model)
+        self.cache_dtype = attention.prepare_cache_dtype(base_model)
         """The key/value cache's dtype where it differs from the model's (float32 for bf16 on a CPU), else None."""
         self.forward_passes = 0
         """Model forward passes so far (prefills and decode steps): tests and /v1/deployments read it."""

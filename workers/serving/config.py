@@ -101,6 +101,11 @@ def default_advertised_url(host: str, port: int) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype`` as ``SERVING_DTYPE`` spells it (``bfloat16``, ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def device_from_setting(value: str) -> str:
     """``SERVING_DEVICE``'s value resolved: ``cpu`` or ``cuda``."""
     choice = value.strip().lower()

@@ -26,7 +26,7 @@ from typing import Any
 
 from workers.serving.batching import GenerationScheduler
 from workers.serving.classifying import ClassificationBatcher
-from workers.serving.config import ServingConfig
+from workers.serving.config import ServingConfig, dtype_name
 from workers.serving.loading import (
     MODEL_LOADING_LOCK,
     ModelLoadError,
@@ -113,8 +113,8 @@ class ServedModel:
             # What SERVING_DEVICE and SERVING_DTYPE resolved to here (auto differs between machines), and a
             # generating model's key/value cache dtype (float32 for a bf16 model on a CPU: workers.serving.attention).
             "device": parameter.device.type,
-            "dtype": _dtype_name(parameter.dtype),
-            "kv_cache_dtype": _dtype_name(self.runner.cache_dtype or parameter.dtype) if generating else None,
+            "dtype": dtype_name(parameter.dtype),
+            "kv_cache_dtype": dtype_name(self.runner.cache_dtype or parameter.dtype) if generating else None,
             "last_used": self.last_used,
             "loaded_at": self.loaded_at,
             "in_flight": self.in_flight,
@@ -124,10 +124,6 @@ class ServedModel:
             # Where a generating model's scheduler spends its time (see workers.serving.batching.TIMING_PARTS).
             "scheduler": self.runner.timing_report() if hasattr(self.runner, "timing_report") else None,
         }
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class ModelManager:
