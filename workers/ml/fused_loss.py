@@ -28,10 +28,19 @@ from workers.ml.data.templates import IGNORE_INDEX
 # Model types whose causal LM is ``base_model`` followed by a bias-free linear ``lm_head`` applied as is: no logit
 # scaling, soft-capping or extra head layers (those keep the stock path).
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
-# Bytes of fp32 logits per chunk. On a CPU each chunk also converts and adds a full-size weight gradient, so fewer,
-# larger chunks pay up to a point: GPT-2 mini (vocabulary 8,192, 2,048 rows) trained 5% faster with 16 MB than with
-# 4 MB and 7% slower with 64 MB, whose chunks no longer stay in the cache hierarchy.
-_CHUNK_BYTES = {"cpu": 16 * 2**20, "default": 256 * 2**20}
+# Bytes of fp32 logits per chunk (in bf16, the chunk's logits and its gradient together). On a CPU each chunk also
+# converts and adds a full-size weight gradient, so fewer, larger chunks pay up to a point: GPT-2 mini (vocabulary
+# 8,192, 2,048 rows) trained 5% faster with 16 MB than with 4 MB and 7% slower with 64 MB, whose chunks no longer stay
+# in the cache hierarchy. On CUDA (None) the budget is a share of the device's memory, below.
+_CHUNK_BYTES: dict[str, int | None] = {"cpu": 16 * 2**20, "cuda": None, "default": 256 * 2**20}
+# A GPU gains nothing from small chunks (no cache holds even one: 1,353 rows of GPT-2's vocabulary are 134 MB in bf16),
+# while each chunk reads and writes the whole fp32 weight gradient once more and costs the host a dozen launches: a
+# fortieth of the memory puts GPT-2 124M's 16 x 1024 rows (3.25 GB) in one chunk on an H200 and two on an H100.
+_CUDA_CHUNK_MEMORY_SHARE = 1 / 40
+# Fewest rows per chunk, whatever the vocabulary: the weight gradient's fp32 sum (vocabulary x width, read and
+# written once per chunk) must be shared by enough rows. With SmolLM2's 49,152 tokens, 16 MB is 85 rows, and the head
+# of 2,048 rows took 4.5 s on a 2-core AMD EPYC core against 2.5 s in chunks of 512 rows (2.3 s in one chunk).
+_MIN_CHUNK_ROWS = {"cpu": 512, "default": 1}
 # Rows the projection is padded to a multiple of, per device type (CPU kernels do not need it).
 _VOCABULARY_ALIGNMENT = {"cuda": 64}
 
@@ -78,7 +87,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             projection = functional.pad(projection, (0, 0, 0, padded_vocabulary - vocabulary))
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros((padded_vocabulary, weight.size(1)), dtype=torch.float32, device=weight.device)
+        # A frozen projection (LoRA, whose adapters leave the head as it is) needs no weight gradient: a third of the
+        # head's matmul work and the fp32 sum skipped.
+        trains_weight = ctx.needs_input_grad[1]  # type: ignore[attr-defined]
+        grad_weight = None
         logit_gradient = _compiled_logit_gradient(hidden.device.type, compute_dtype) if compiled else _logit_gradient
         for start in range(0, trained_rows.numel(), chunk_rows):
             rows = trained_rows[start : start + chunk_rows]
@@ -87,30 +99,41 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk_loss, gradient = logit_gradient(inputs @ projection.t(), chunk_targets, vocabulary)
             loss += chunk_loss
             grad_hidden.index_copy_(0, rows, (gradient @ projection).to(hidden.dtype))
-            grad_weight = _add_weight_gradient(grad_weight, gradient, inputs)
-        grad_weight = grad_weight[:vocabulary]
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            if trains_weight:
+                grad_weight = _add_weight_gradient(grad_weight, gradient, inputs)
+        if trains_weight and grad_weight is None:  # no trained rows at all
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        saved_weight_gradient = grad_weight[:vocabulary].to(weight.dtype) if grad_weight is not None else None
+        ctx.save_for_backward(grad_hidden, saved_weight_gradient)
         return loss
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = grad_loss.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None, None
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden * scale, grad_weight, None, None, None, None, None
 
 
-def _add_weight_gradient(grad_weight: torch.Tensor, gradient: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def _add_weight_gradient(
+    grad_weight: torch.Tensor | None, gradient: torch.Tensor, inputs: torch.Tensor
+) -> torch.Tensor:
     """``grad_weight + gradient.T @ inputs``, summed in fp32 chunk by chunk (the stock head sums all rows in the
-    compute dtype). On CUDA a bf16 product goes straight into the fp32 sum in one matmul (``out_dtype``); elsewhere
-    it is rounded to the compute dtype, converted and added (on an H200 those two extra passes over a
-    vocabulary x width fp32 tensor per chunk took about 5% of a GPT-2 124M step)."""
-    if gradient.dtype == grad_weight.dtype:
-        return grad_weight.addmm_(gradient.t(), inputs)
+    compute dtype); the first chunk (``grad_weight`` None) writes the product alone, with no zeros to add it to. On
+    CUDA a bf16 product goes straight into the fp32 sum in one matmul (``out_dtype``); elsewhere it is rounded to the
+    compute dtype, converted and added (on an H200 those two extra passes over a vocabulary x width fp32 tensor per
+    chunk took about 5% of a GPT-2 124M step)."""
+    if gradient.dtype == torch.float32:
+        return gradient.t() @ inputs if grad_weight is None else grad_weight.addmm_(gradient.t(), inputs)
     if gradient.is_cuda:
-        return torch.addmm(grad_weight, gradient.t(), inputs, out_dtype=grad_weight.dtype)
-    return grad_weight.add_((gradient.t() @ inputs).to(grad_weight.dtype))
+        if grad_weight is None:
+            return torch.mm(gradient.t(), inputs, out_dtype=torch.float32)
+        return torch.addmm(grad_weight, gradient.t(), inputs, out_dtype=torch.float32)
+    product = (gradient.t() @ inputs).to(torch.float32)
+    return product if grad_weight is None else grad_weight.add_(product)
 
 
 def _logit_gradient(
@@ -191,12 +214,19 @@ def summed_linear_cross_entropy(
     flat_targets = targets.reshape(-1)
     if trained_rows is None:
         trained_rows = trained_row_indices(flat_targets)
-    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES["default"])
-    chunk_rows = max(1, budget // (4 * weight.size(0)))
+    fewest_rows = _MIN_CHUNK_ROWS.get(device_type, _MIN_CHUNK_ROWS["default"])
+    chunk_rows = max(fewest_rows, _chunk_bytes(hidden.device) // (4 * weight.size(0)))
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(
             flat_hidden, weight, trained_rows, flat_targets, compute_dtype, chunk_rows, compiled or hidden.is_cuda
         )
+
+
+def _chunk_bytes(device: torch.device) -> int:
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["default"])
+    if budget is None:
+        return int(torch.cuda.get_device_properties(device).total_memory * _CUDA_CHUNK_MEMORY_SHARE)
+    return budget
 
 
 def trained_row_indices(targets: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,13 @@ from workers.ml.engine import cpp_compiler_available
 VOCAB = 300
 
 
+def _chunk_rows(monkeypatch: pytest.MonkeyPatch, device: str, rows: int) -> None:
+    """Chunks of ``rows`` rows of the ``VOCAB``-token projection on ``device`` ("cpu" or "cuda"): small ones, so that
+    the tests' few rows really are split into several chunks."""
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, device, rows * VOCAB * 4)
+    monkeypatch.setitem(fused_loss._MIN_CHUNK_ROWS, device, 1)
+
+
 def _gpt2(task: str = "causal_lm") -> torch.nn.Module:
     torch.manual_seed(0)
     return modeling.build_from_scratch(
@@ -67,8 +74,7 @@ def _losses_and_gradients(model: torch.nn.Module, *, fused: bool, bf16: bool = F
 @pytest.mark.parametrize("aligned", [False, True], ids=["vocabulary-as-is", "vocabulary-padded-to-64"])
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2-tied-head", "llama-untied-head"])
 def test_fused_loss_equals_the_stock_head_in_fp32(build, aligned, monkeypatch):
-    # A small chunk budget, so that the rows really are split into several chunks.
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 16 * VOCAB * 4)
+    _chunk_rows(monkeypatch, "cpu", 16)
     if aligned:  # what a GPU does: the 300-token projection padded to 320 rows
         monkeypatch.setitem(fused_loss._VOCABULARY_ALIGNMENT, "cpu", 64)
     model = build()
@@ -99,6 +105,45 @@ def test_fused_loss_is_deterministic():
     second = _losses_and_gradients(model, fused=True)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(first[1][name], second[1][name]) for name in first[1])
+
+
+def test_a_frozen_projection_gets_no_weight_gradient_and_the_same_hidden_one(monkeypatch):
+    """LoRA leaves the head frozen: its weight gradient (a third of the head's matmuls, and the fp32 sum) is never
+    computed, and the hidden states' gradient is the one a trained head gives."""
+    _chunk_rows(monkeypatch, "cpu", 50)
+    hidden, weight, targets = _chunked_problem()
+    loss, grad_hidden, _ = _loss_and_gradients(hidden, weight, targets, "cpu")
+
+    def no_weight_gradient(*arguments):
+        raise AssertionError("a frozen projection's weight gradient was computed")
+
+    monkeypatch.setattr(fused_loss, "_add_weight_gradient", no_weight_gradient)
+    leaf_hidden = hidden.clone().requires_grad_()
+    frozen_weight = weight.clone()
+    frozen_loss = fused_loss.summed_linear_cross_entropy(leaf_hidden, frozen_weight, targets)
+    frozen_loss.backward()
+    assert frozen_weight.grad is None
+    torch.testing.assert_close(frozen_loss.detach(), loss)
+    torch.testing.assert_close(leaf_hidden.grad, grad_hidden)
+
+
+def test_cpu_chunks_keep_enough_rows_to_share_the_weight_gradient_sum(monkeypatch):
+    """However large the vocabulary, a CPU chunk takes at least ``_MIN_CHUNK_ROWS`` rows: each chunk reads and writes
+    the whole fp32 weight-gradient sum, which a few dozen rows cannot pay for (SmolLM2's head was twice as slow)."""
+    chunk_sizes: list[int] = []
+    eager_chunk = fused_loss._logit_gradient
+
+    def counting(logits, targets, vocabulary):
+        chunk_sizes.append(logits.size(0))
+        return eager_chunk(logits, targets, vocabulary)
+
+    monkeypatch.setattr(fused_loss, "_logit_gradient", counting)
+    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 8 * VOCAB * 4)  # the budget alone: chunks of 8 rows
+    monkeypatch.setitem(fused_loss._MIN_CHUNK_ROWS, "cpu", 64)
+    hidden, weight, targets = _chunked_problem()
+    _loss_and_gradients(hidden, weight, targets, "cpu")
+    trained = int((targets != IGNORE_INDEX).sum())
+    assert chunk_sizes == [64] * (trained // 64) + [trained % 64]
 
 
 def test_only_plain_causal_heads_take_the_fused_path():
@@ -144,7 +189,7 @@ def _loss_and_gradients(hidden, weight, targets, device: str, *, compiled: bool 
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
     """What a compiled CPU run takes: each chunk's softmax work as one generated C++ kernel."""
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 50 * VOCAB * 4)
+    _chunk_rows(monkeypatch, "cpu", 50)
     problem = _chunked_problem()
     eager = _loss_and_gradients(*problem, "cpu")
     compiled = _loss_and_gradients(*problem, "cpu", compiled=True)
@@ -155,7 +200,7 @@ def test_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_under_bf16_autocast_the_compiled_cpu_chunks_equal_the_eager_ones(monkeypatch):
     """bf16 logits compile to the fusable formulation on a CPU (fp32 ones to the scatter one): same results."""
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "cpu", 50 * VOCAB * 4)
+    _chunk_rows(monkeypatch, "cpu", 50)
     problem = _chunked_problem()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = _loss_and_gradients(*problem, "cpu")
@@ -166,7 +211,7 @@ def test_under_bf16_autocast_the_compiled_cpu_chunks_equal_the_eager_ones(monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk path runs on CUDA only")
 def test_the_compiled_cuda_path_equals_the_cpu_one(monkeypatch):
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+    _chunk_rows(monkeypatch, "cuda", 50)
     problem = _chunked_problem()
     for cpu_value, cuda_value in zip(
         _loss_and_gradients(*problem, "cpu"), _loss_and_gradients(*problem, "cuda"), strict=True
@@ -194,7 +239,7 @@ def test_the_compilers_chunk_gradient_equals_the_eager_one_on_padded_logits():
 def test_under_bf16_autocast_on_cuda_the_weight_gradient_is_summed_in_fp32(monkeypatch):
     """Each chunk's bf16 weight gradient goes into the fp32 sum in one matmul (``out_dtype``): the result is fp32 and
     close to the fp32 computation on the CPU."""
-    monkeypatch.setitem(fused_loss._CHUNK_BYTES, "default", 50 * VOCAB * 4)
+    _chunk_rows(monkeypatch, "cuda", 50)
     problem = _chunked_problem()
     reference = _loss_and_gradients(*problem, "cpu")
     with torch.autocast("cuda", dtype=torch.bfloat16):
