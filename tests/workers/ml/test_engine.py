@@ -996,6 +996,43 @@ def test_auto_compiles_where_it_pays(
         assert engine._compile_wanted(forced_config, torch.device(device), packed=packed, steps_left=1) is expected
 
 
+@pytest.mark.parametrize(
+    ("device", "compile_setting", "logits_left", "compiler", "wanted"),
+    [
+        ("cpu", "auto", 4e9, True, True),  # LoRA on SmolLM2 for 40 steps of 8 x 256 tokens
+        ("cpu", "auto", 1e8, True, False),  # a tiny model's short run: compiling would cost more than it saves
+        ("cpu", "auto", 4e9, False, False),  # the CPU kernels cannot be built here
+        ("cpu", "off", 4e9, True, False),  # off compiles nothing
+        ("cuda", "auto", 1, True, False),  # CUDA compiles the loss's chunks anyway, whatever this says
+    ],
+)
+def test_an_eager_cpu_run_compiles_its_loss_where_that_pays(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    compile_setting: str,
+    logits_left: float,
+    compiler: bool,
+    wanted: bool,
+) -> None:
+    monkeypatch.setattr(engine, "cpu_compile_works", lambda: compiler)
+    config = make_config("unused.txt", "unused", compile=compile_setting, mode="lora", base_model="unused-base")
+    assert engine._loss_compile_wanted(config, torch.device(device), logits_left=int(logits_left)) is wanted
+
+
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_a_run_with_an_eager_model_and_a_compiled_loss_trains_like_the_eager_one(
+    samples: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a long LoRA run on a CPU gets under compile "auto": the model eager, the loss's chunks compiled."""
+    with dropout_free_models():
+        eager = train(samples["corpus.txt"], tmp_path / "eager", max_steps=4, compile="off", precision="fp32")
+        monkeypatch.setattr(engine, "_CPU_LOSS_COMPILE_MIN_LOGITS", 0)
+        loss_only = train(samples["corpus.txt"], tmp_path / "loss", max_steps=4, compile="auto", precision="fp32")
+    assert (eager.recorder.start["compiled_loss"], loss_only.recorder.start["compiled_loss"]) == (False, True)
+    assert loss_only.recorder.start["compiled"] is False
+    assert loss_only.recorder.losses == pytest.approx(eager.recorder.losses, rel=1e-4)
+
+
 def test_a_machine_whose_compiler_fails_is_found_out_before_a_run_compiles() -> None:
     """A compiler that is there but cannot build (here: /bin/false) makes the probe say no, so auto keeps the run
     eager instead of failing at its first step."""
@@ -1003,8 +1040,9 @@ def test_a_machine_whose_compiler_fails_is_found_out_before_a_run_compiles() -> 
 
     # The config's own patch, not monkeypatch: monkeypatch undoes a torch config value by deleting it, which leaves
     # the setting hidden, and every later compile in the process fails on it. fx_graph_cache off: a kernel cached
-    # earlier would hide the failure.
+    # earlier would hide the failure, and so would dynamo's own cache of a probe that ran earlier in this process.
     engine.cpu_compile_works.cache_clear()
+    torch._dynamo.reset()
     try:
         with inductor_config.patch({"cpp.cxx": (None, "/bin/false"), "fx_graph_cache": False}):
             assert engine.cpu_compile_works() is False
