@@ -193,17 +193,32 @@ def _document_dense_mask(documents: torch.Tensor) -> torch.Tensor:
     return (same_document & causal)[:, None]
 
 
-def _document_block_mask(documents: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _document_block_mask(documents: torch.Tensor, *, compiled: bool | None = None):
+    """FlexAttention's block mask of packed rows; built by compiled code on CUDA (``compiled`` None) or when asked."""
 
     def same_document_causal(batch, head, query_index, key_index):
         return (documents[batch, query_index] == documents[batch, key_index]) & (query_index >= key_index)
 
     rows, length = documents.shape
-    # Compiling the mask builder avoids materialising rows x length x length booleans; it only pays on a GPU.
-    return create_block_mask(
-        same_document_causal, rows, None, length, length, device=documents.device, _compile=documents.is_cuda
-    )
+    use_compiled = documents.is_cuda if compiled is None else compiled
+    build = _compiled_block_mask_builder() if use_compiled else _block_mask_builder()
+    return build(same_document_causal, rows, None, length, length, device=documents.device)
+
+
+@functools.cache
+def _block_mask_builder():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask
+
+
+@functools.cache
+def _compiled_block_mask_builder():
+    """``create_block_mask`` compiled once per process: it then never materialises rows x length x length booleans
+    (which only pays on a GPU). Each batch's mask function is a new closure over its documents; the compiled code
+    takes it without compiling again. (``create_block_mask(..., _compile=True)``, deprecated, wraps a new compiled
+    function at every call: host time per step, and a warning.)"""
+    return torch.compile(_block_mask_builder())
 
 
 @functools.cache

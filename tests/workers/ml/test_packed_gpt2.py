@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tests.workers.ml.engine_fixtures import dropout_free_models, train
 from workers.ml import modeling, packed_gpt2
 from workers.ml.data.samples import write_sample_datasets
+from workers.ml.engine import cpp_compiler_available
 
 VOCAB = 300
 LENGTH = 64
@@ -183,6 +184,28 @@ def test_varlen_boundaries_describe_every_document_and_keep_a_few_shapes():
     assert boundaries[: len(documents)].tolist() == documents
     assert set(boundaries[len(documents) :].tolist()) == {3 * LENGTH}  # empty documents pad it to a bucket
     assert boundaries.numel() % 256 == 0
+
+
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_the_compiled_block_mask_builder_equals_the_eager_one_and_compiles_once():
+    """What a GPU builds for every batch (here on a CPU): the same block mask as the eager builder, and batches with
+    other document layouts (a new mask closure each) run the code compiled for the first."""
+    generator = torch.Generator().manual_seed(7)
+    layouts = []
+    for _ in range(3):
+        starts = torch.rand(2, 256, generator=generator) < 0.03
+        starts[:, 0] = True
+        layouts.append((starts.cumsum(dim=1) - 1).to(torch.int32))
+    packed_gpt2._document_block_mask(layouts[0], compiled=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for documents in layouts:
+            compiled = packed_gpt2._document_block_mask(documents, compiled=True)
+            eager = packed_gpt2._document_block_mask(documents, compiled=False)
+            for compiled_part, eager_part in zip(compiled.as_tuple(), eager.as_tuple(), strict=True):
+                if isinstance(eager_part, torch.Tensor):
+                    assert torch.equal(compiled_part, eager_part)
+                elif not callable(eager_part):  # the mask function itself is each call's own closure
+                    assert compiled_part == eager_part
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen and compiled flex need CUDA")
