@@ -32,7 +32,7 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import cpu_activations, fused_loss, metrics, modeling, packed_gpt2, prepared, transfer
+from workers.ml import cpu_activations, cpu_attention, fused_loss, metrics, modeling, packed_gpt2, prepared, transfer
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -180,11 +180,15 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
                 data={"resumed_from_step": state.step},
             )
         )
+    packed = setup.train_source.packed is not None
+    if device.type == "cpu" and packed and config.task == "causal_lm":
+        # Packed rows of a Llama-family model on a CPU: attention in blocks of queries (see cpu_attention).
+        cpu_attention.use_blocked_attention(model, rows=batch_size, length=config.max_length)
     forward_model, packed_forward, compiled, compiled_loss = _maybe_compile(
         model,
         config,
         device,
-        packed=setup.train_source.packed is not None,
+        packed=packed,
         steps_left=total_steps - state.step,
         rows_per_step=batch_size * accumulation * config.max_length,
     )
