@@ -43,6 +43,13 @@ Defaults on a CPU: model "mini", max_length 256, batch 8, torch threads = half t
 CPU, and never more: the engine lowers a higher count). On CUDA the reference setting: "base" (GPT-2 ~124M with a ~50k
 vocabulary), max_length 1024, batch 16, and torch.compile for the engine where it compiles (compile "auto").
 
+LoRA (``--lora CATALOG_ID``, e.g. ``smollm2-135m-instruct``): both sides train the engine's default LoRA adapters on
+that offline catalog model (converted once into ``TUNEHOUSE_MODEL_CACHE_DIR``, default ``var/model-cache``), with its
+own tokenizer; the baseline's model is the engine's own (``_model_for``), so only the loop differs: the Trainer's
+padded batches and stock head against packed rows, the fused loss that skips the frozen head's weight gradient and, on
+a CPU, blocked attention for the Llama family (``workers/ml/cpu_attention.py``). A long LoRA run on a CPU keeps the
+model eager and compiles only the loss's chunk work, and the benchmark gives the engine that (``compile`` says so).
+
 Compile (``--compile auto``): what the engine's "auto" gives a long job. On CUDA that is torch.compile; on a CPU auto
 compiles runs of 200 steps or more where a C++ compiler is installed, so the benchmark's few timed steps are run
 compiled there too (``compile`` says ``auto (a long run: on)``); compilation happens in the untimed warm-up steps.
@@ -131,13 +138,14 @@ def generate_documents(count: int, *, seed: int, log_uniform: bool = False) -> l
 def _training_config(spec: dict[str, Any]):
     from workers.ml.config import TrainingConfig
 
+    model: dict[str, Any] = {"mode": "from_scratch", "architecture": "gpt2", "model_size": spec["size"]}
+    if spec.get("base_model"):  # LoRA on a catalog model: its own tokenizer, the engine's default LoRA settings
+        model = {"mode": "lora", "base_model": spec["base_model"]}
     return TrainingConfig(
         train_file=spec["train_file"],
         output_dir=spec["output_dir"],
         task="causal_lm",
-        mode="from_scratch",
-        architecture="gpt2",
-        model_size=spec["size"],
+        **model,
         tokenizer=spec["tokenizer"],
         max_length=spec["max_length"],
         batch_size=spec["batch_size"],
@@ -157,8 +165,12 @@ def _training_config(spec: dict[str, Any]):
 def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from workers.ml import engine
     from workers.ml.data import training_sets
     from workers.ml.engine import run_training
+
+    if spec.get("long_run_compiles_loss"):
+        engine._CPU_LOSS_COMPILE_MIN_LOGITS = 0  # what a long run of this model gets (see main)
 
     # Read-only instrumentation: every micro-batch the engine collates is counted (exact useful tokens: the tokens
     # of the examples in each packed row, its padded tail left out), in the order the steps take them.
@@ -228,7 +240,7 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": recorder.start.get("vocab_size"),
         "train_rows": recorder.start.get("train_rows"),
         "threads": recorder.threads,
-        "attention_kernel": spec["kernel"],
+        "attention_kernel": None if spec.get("base_model") else spec["kernel"],
     }
 
 
@@ -291,23 +303,10 @@ def _profile_summary(profiler, steps: int, seconds: float, top: int = 40) -> dic
     return summary
 
 
-def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
-
+def _baseline_from_scratch(config, tokenizer):
     from workers.ml import modeling
-    from workers.ml.callbacks import NullCallback
-    from workers.ml.data.training_sets import read_example_sets, tokenize_like_config
 
-    config = _training_config(spec)
-    cuda = spec["device"].startswith("cuda")
-    tokenizer = modeling.load_tokenizer(spec["tokenizer"])
-    tokenizer.model_max_length = config.max_length
-    sets = read_example_sets(config, NullCallback())
-    tokenized = tokenize_like_config(sets.train, tokenizer, config=config, sets=sets)
-    dataset = [{"input_ids": ids} for ids in tokenized.input_ids]
-    torch.manual_seed(config.seed)
-    model = modeling.build_from_scratch(
+    return modeling.build_from_scratch(
         architecture="gpt2",
         size=config.model_size,
         task="causal_lm",
@@ -320,6 +319,32 @@ def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
         # The very model the engine builds: same dropout as the engine's config resolved.
         dropout=config.dropout,
     )
+
+
+def _train_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from workers.ml import engine, modeling
+    from workers.ml.callbacks import NullCallback
+    from workers.ml.data.training_sets import read_example_sets, tokenize_like_config
+
+    config = _training_config(spec)
+    cuda = spec["device"].startswith("cuda")
+    sets = read_example_sets(config, NullCallback())
+    if config.base_model:
+        # The engine's own tokenizer (pad token set as a job gets it) and LoRA model: the same adapters, targets and
+        # dropout; only the training loop differs.
+        tokenizer = engine._tokenizer_for(config, sets, None)
+        torch.manual_seed(config.seed)
+        model = engine._model_for(config, tokenizer, None)
+    else:
+        tokenizer = modeling.load_tokenizer(spec["tokenizer"])
+        torch.manual_seed(config.seed)
+        model = _baseline_from_scratch(config, tokenizer)
+    tokenizer.model_max_length = config.max_length
+    tokenized = tokenize_like_config(sets.train, tokenizer, config=config, sets=sets)
+    dataset = [{"input_ids": ids} for ids in tokenized.input_ids]
     padding = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def collate(features):
@@ -477,6 +502,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help='"auto" (cuda when available), "cpu", "cuda" or "cuda:N"')
     parser.add_argument("--size", choices=("tiny", "mini", "small", "base"), help="default: mini on CPU, base on CUDA")
+    parser.add_argument(
+        "--lora",
+        metavar="CATALOG_ID",
+        help="LoRA on this offline catalog model (e.g. smollm2-135m-instruct; the engine's default LoRA settings) "
+        "instead of GPT-2 from scratch; converted once into TUNEHOUSE_MODEL_CACHE_DIR (default var/model-cache)",
+    )
     parser.add_argument("--max-length", type=int, help="default: 256 on CPU, 1024 on CUDA")
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 16 on CUDA")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
@@ -523,7 +554,9 @@ def main() -> None:
 
     import torch
 
+    from workers.ml import modeling
     from workers.ml.engine import cpu_compile_works
+    from workers.ml.model_cache import prepare_offline_model
     from workers.ml.packed_gpt2 import KERNELS, choose_kernel
     from workers.ml.tokenizer_training import train_byte_level_bpe
 
@@ -551,7 +584,10 @@ def main() -> None:
     # The timed steps are few, but the figure stands for a long job: on a CPU "auto" compiles runs of 200 steps and
     # more (where a C++ compiler is installed), so the engine is given what auto gives such a run.
     engine_compile = arguments.compile
-    if engine_compile == "auto" and not cuda:
+    # A long LoRA run of a catalog model keeps the model eager on a CPU (it would compile for minutes) and compiles
+    # only the loss's chunk work, which auto does from a number of logits these few steps do not reach.
+    long_run_compiles_loss = engine_compile == "auto" and not cuda and bool(arguments.lora) and cpu_compile_works()
+    if engine_compile == "auto" and not cuda and not arguments.lora:
         engine_compile = "on" if cpu_compile_works() else "off"
 
     with tempfile.TemporaryDirectory(prefix="tunehouse-bench-") as temporary:
@@ -561,19 +597,27 @@ def main() -> None:
         with train_file.open("w", encoding="utf-8") as handle:
             for text in texts:
                 handle.write(json.dumps({"text": text}) + "\n")
-        tokenizer = train_byte_level_bpe(texts, vocab_size=vocab_size)
-        tokenizer.save_pretrained(folder / "tokenizer")
+        base_model = None
+        if arguments.lora:
+            cache = os.environ.get("TUNEHOUSE_MODEL_CACHE_DIR", str(REPOSITORY_ROOT / "var" / "model-cache"))
+            base_model = str(prepare_offline_model(arguments.lora, cache))
+            tokenizer = modeling.load_tokenizer(base_model)
+        else:
+            tokenizer = train_byte_level_bpe(texts, vocab_size=vocab_size)
+            tokenizer.save_pretrained(folder / "tokenizer")
         lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # + end-of-text
         spec = {
             "train_file": str(train_file),
             "output_dir": str(folder / "model"),
-            "tokenizer": str(folder / "tokenizer"),
+            "tokenizer": None if base_model else str(folder / "tokenizer"),
+            "base_model": base_model,
             "size": arguments.size or ("base" if cuda else "mini"),
             "max_length": arguments.max_length or (1024 if cuda else 256),
             "batch_size": arguments.batch_size or (16 if cuda else 8),
             "steps": arguments.steps,
             "warmup_steps": arguments.warmup_steps,
             "compile": engine_compile,
+            "long_run_compiles_loss": long_run_compiles_loss,
             "seed": arguments.seed,
             "device": device,
             "threads": threads,
@@ -616,8 +660,9 @@ def main() -> None:
         "precision": {"ours": precision, "baseline": stock_precision},
         "device": device,
         "device_name": _device_name(device),
-        "architecture": "gpt2",
-        "size": spec["size"],
+        "architecture": None if arguments.lora else "gpt2",
+        "size": None if arguments.lora else spec["size"],
+        "lora": arguments.lora,
         "parameters": ours["parameters"],
         "vocab_size": ours["vocab_size"],
         "max_length": spec["max_length"],
@@ -628,7 +673,11 @@ def main() -> None:
         "lengths": arguments.lengths,
         "document_tokens_mean": round(sum(lengths) / len(lengths), 1),
         "document_tokens_max": max(lengths),
-        "compile": arguments.compile if engine_compile == arguments.compile else f"auto (a long run: {engine_compile})",
+        "compile": "auto (a long run: the loss compiled)"
+        if long_run_compiles_loss
+        else arguments.compile
+        if engine_compile == arguments.compile
+        else f"auto (a long run: {engine_compile})",
         "repeats": repeats,
         "cpus": os.cpu_count(),
         "ours": ours_summary,
@@ -646,7 +695,9 @@ def main() -> None:
         report["by_kernel"] = {kernel: _summary(runs[kernel], cuda, arguments.steps) for kernel in measured}
     if failures:
         report["failed_kernels"] = failures
-    if cuda:
+    if arguments.lora:
+        pass  # the goals are set for GPT-2 from scratch; LoRA reports its figures without one
+    elif cuda:
         report["goal_mfu"] = _GOAL_GPU_MFU
         report["goal_met"] = ours_summary["mfu"] >= _GOAL_GPU_MFU
     else:
