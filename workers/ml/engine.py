@@ -32,7 +32,17 @@ import torch.nn.functional as functional
 from transformers import PreTrainedTokenizerBase
 
 from workers.ml import checkpoint as checkpoints
-from workers.ml import cpu_activations, cpu_attention, fused_loss, metrics, modeling, packed_gpt2, prepared, transfer
+from workers.ml import (
+    cpu_activations,
+    cpu_attention,
+    cpu_memory,
+    fused_loss,
+    metrics,
+    modeling,
+    packed_gpt2,
+    prepared,
+    transfer,
+)
 from workers.ml.callbacks import NullCallback, TrainingCallback, TrainingEvent
 from workers.ml.config import INVALID_HYPERPARAMETER, TrainingConfig
 from workers.ml.data import templates
@@ -124,6 +134,14 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
     from the latest complete one: same tokenizer, weights, optimizer and scheduler state, random state, and the next
     batch the interrupted run would have taken, so the logged steps and losses equal an uninterrupted run's.
     """
+    if _resolve_device(config.device).type != "cpu":
+        return _run_training(config, callback)
+    # A CPU step frees and allocates the same large tensors again: keep their memory for reuse (see cpu_memory).
+    with cpu_memory.kept_for_reuse():
+        return _run_training(config, callback)
+
+
+def _run_training(config: TrainingConfig, callback: TrainingCallback | None) -> EngineResult:
     callback = callback or NullCallback()
     device = _resolve_device(config.device)
     if device.type == "cpu":

@@ -76,7 +76,7 @@ def test_only_llama_family_batches_that_fit_take_it() -> None:
     assert cpu_attention.use_blocked_attention(lora, **small_rows)
     assert lora.get_base_model().config._attn_implementation == cpu_attention.BLOCKED_ATTENTION
 
-    # 2 layers x 4 heads: 64 rows of 2,048 tokens would keep 12 GB of probabilities.
+    # 2 layers x 4 heads: 64 rows of 2,048 tokens would keep 6.4 GB of probabilities.
     too_wide = _llama()
     assert not cpu_attention.use_blocked_attention(too_wide, rows=64, length=2048)
     assert too_wide.config._attn_implementation == "sdpa"
