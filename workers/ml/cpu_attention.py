@@ -27,6 +27,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask
 
+from workers.ml import modeling
+
 BLOCKED_ATTENTION = "tunehouse_blocked"
 # Decoders whose attention is plain scaled dot-product over a mask (no logit soft-capping or attention sinks, which
 # this function does not reproduce; sliding windows are part of the mask).
@@ -79,8 +81,7 @@ def use_blocked_attention(model: nn.Module, *, rows: int, length: int) -> bool:
     """Switches ``model`` (a transformers decoder, possibly inside peft) to ``blocked_attention`` for micro-batches of
     ``rows`` x ``length`` tokens when it is of the Llama family and what the blocks keep fits the budget; returns
     whether it did."""
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
+    base = modeling.transformers_model(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in _MODEL_TYPES or not hasattr(base, "set_attn_implementation"):
         return False

@@ -134,16 +134,16 @@ def run_training(config: TrainingConfig, callback: TrainingCallback | None = Non
     from the latest complete one: same tokenizer, weights, optimizer and scheduler state, random state, and the next
     batch the interrupted run would have taken, so the logged steps and losses equal an uninterrupted run's.
     """
-    if _resolve_device(config.device).type != "cpu":
-        return _run_training(config, callback)
+    device = _resolve_device(config.device)
+    if device.type != "cpu":
+        return _run_training(config, callback, device)
     # A CPU step frees and allocates the same large tensors again: keep their memory for reuse (see cpu_memory).
     with cpu_memory.kept_for_reuse():
-        return _run_training(config, callback)
+        return _run_training(config, callback, device)
 
 
-def _run_training(config: TrainingConfig, callback: TrainingCallback | None) -> EngineResult:
+def _run_training(config: TrainingConfig, callback: TrainingCallback | None, device: torch.device) -> EngineResult:
     callback = callback or NullCallback()
-    device = _resolve_device(config.device)
     if device.type == "cpu":
         _limit_cpu_threads()
     if config.mode == "qlora":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from workers.ml import modeling
 from workers.ml.data.templates import IGNORE_INDEX
 
 # Model types whose causal LM is ``base_model`` followed by a bias-free linear ``lm_head`` applied as is: no logit
@@ -49,10 +50,7 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Parameter] | None:
     """The body (returns ``last_hidden_state``) and output projection weight of ``model`` when the fused loss can
     replace its head, else None. Works through ``torch.compile`` wrappers and peft adapters; an ``lm_head`` that peft
     wraps (adapted or trained as a module to save) is not a plain Linear, so it keeps the stock path."""
-    model = getattr(model, "_orig_mod", model)
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model):  # a peft model: the transformers model inside it, adapters injected in place
-        model = get_base_model()
+    model = modeling.transformers_model(model)
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
         return None

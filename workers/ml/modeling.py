@@ -223,6 +223,14 @@ def initialise_weights(model: nn.Module, scheme: str, *, std: float = 0.02) -> N
 # Building from scratch and loading
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``model``'s wrappers: ``torch.compile``'s, then peft's (whose adapters are
+    injected into it in place, so they take part in whatever runs through it)."""
+    model = getattr(model, "_orig_mod", model)
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def _attention_implementation(model_class: type[PreTrainedModel]) -> str:
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from workers.ml import transfer
+from workers.ml import modeling, transfer
 
 KERNELS = ("hf", "sdpa", "flex", "varlen", "blocked")
 KERNEL_VARIABLE = "TUNEHOUSE_PACKED_ATTENTION"
@@ -69,10 +69,7 @@ def packed_body(model: nn.Module, kernel: str) -> PackedGPT2Body | None:
     not reproduce."""
     if kernel == "hf":
         return None
-    model = getattr(model, "_orig_mod", model)
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model):  # peft: the transformers model inside, adapters injected in place
-        model = get_base_model()
+    model = modeling.transformers_model(model)
     config = getattr(model, "config", None)
     transformer = getattr(model, "transformer", None)
     if getattr(config, "model_type", None) != "gpt2" or transformer is None:
