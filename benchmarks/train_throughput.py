@@ -35,6 +35,10 @@ Attention of packed rows (``--kernels``): the engine's packed-row kernel is chos
 (``by_kernel``), and ``ours`` is the one a job would get. A kernel that fails is reported under ``failed_kernels``.
 Goal on CUDA: ``mfu`` ≥ 0.35 (``goal_met``); on a CPU: a speed-up ≥ 4×.
 
+CUDA graphs: on CUDA the engine replays its compiled packed-row body as CUDA graphs (``workers/ml/engine.py``,
+``_cuda_graphs_wanted``); ``--without-cuda-graphs`` also measures it compiled without them (``TUNEHOUSE_CUDA_GRAPHS=0``)
+in the same run, under ``ours_without_cuda_graphs``.
+
 Profile (``--profile-steps N``): the engine trains N more steps after the timed ones under torch.profiler, and each
 run's ``profile`` lists the kernels (CUDA) or operators (CPU) that took the most time per step, and on CUDA the share
 of the step's wall time the device was busy (well under 1: the step waits on the host).
@@ -241,6 +245,7 @@ def _train_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "train_rows": recorder.start.get("train_rows"),
         "threads": recorder.threads,
         "attention_kernel": None if spec.get("base_model") else spec["kernel"],
+        "cuda_graphs": recorder.start.get("cuda_graphs"),
     }
 
 
@@ -438,6 +443,7 @@ def _child(side: str, spec_path: str, result_path: str) -> None:
 
 
 def _run_side(side: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    from workers.ml.engine import CUDA_GRAPHS_VARIABLE
     from workers.ml.packed_gpt2 import KERNEL_VARIABLE
 
     spec_path = folder / "spec.json"
@@ -446,6 +452,8 @@ def _run_side(side: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     environment = dict(os.environ, **_OFFLINE)
     if spec.get("kernel"):
         environment[KERNEL_VARIABLE] = spec["kernel"]
+    if spec.get("without_cuda_graphs"):
+        environment[CUDA_GRAPHS_VARIABLE] = "0"
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", side, str(spec_path), str(result_path)],
         cwd=REPOSITORY_ROOT,
@@ -481,7 +489,15 @@ def _summary(runs: list[dict[str, Any]], cuda: bool, steps: int) -> dict[str, An
     for key in ("peak_rss_mb", "peak_rss_growth_mb", "peak_cuda_allocated_mb"):
         if key in raw:
             summary[key] = max(run[key] for run in runs)
-    for key in ("rss_after_imports_mb", "precision", "threads", "train_rows", "attention_kernel", "profile"):
+    for key in (
+        "rss_after_imports_mb",
+        "precision",
+        "threads",
+        "train_rows",
+        "attention_kernel",
+        "cuda_graphs",
+        "profile",
+    ):
         if key in raw:
             summary[key] = raw[key]
     return summary
@@ -543,6 +559,12 @@ def main() -> None:
         default=0,
         help="profile the engine for this many more steps after the timed ones (torch.profiler): the top kernels "
         "and how busy the device was, under each run's 'profile'",
+    )
+    parser.add_argument(
+        "--without-cuda-graphs",
+        action="store_true",
+        help="CUDA: also measure the engine's compiled body without CUDA graphs (TUNEHOUSE_CUDA_GRAPHS=0), one more "
+        "run, under 'ours_without_cuda_graphs'",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the JSON report to this file")
@@ -630,6 +652,7 @@ def main() -> None:
             baseline_specs["baseline_same_precision"] = spec
         started = time.perf_counter()
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in (*baseline_specs, *kernels)}
+        without_graphs: list[dict[str, Any]] = []
         failures: dict[str, str] = {}
         for _ in range(repeats):
             for side, side_spec in baseline_specs.items():
@@ -641,6 +664,9 @@ def main() -> None:
                     runs[kernel].append(_run_side("ours", ours_spec, folder))
                 except RuntimeError as error:
                     failures[kernel] = str(error)[-2000:]
+            if cuda and arguments.without_cuda_graphs:
+                plain_spec = dict(spec, kernel=automatic_kernel, without_cuda_graphs=True)
+                without_graphs.append(_run_side("ours", plain_spec, folder))
         wall_seconds = time.perf_counter() - started
         measured = [kernel for kernel in kernels if runs[kernel]]
         if not measured:
@@ -691,6 +717,10 @@ def main() -> None:
         report["speedup_same_precision"] = round(
             ours_summary["tokens_per_second"] / same_precision["tokens_per_second"], 2
         )
+    if without_graphs:
+        plain = _summary(without_graphs, cuda, arguments.steps)
+        report["ours_without_cuda_graphs"] = plain
+        report["cuda_graphs_gain"] = round(ours_summary["tokens_per_second"] / plain["tokens_per_second"], 3)
     if len(kernels) > 1:
         report["by_kernel"] = {kernel: _summary(runs[kernel], cuda, arguments.steps) for kernel in measured}
     if failures:

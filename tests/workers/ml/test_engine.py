@@ -1019,6 +1019,58 @@ def test_an_eager_cpu_run_compiles_its_loss_where_that_pays(
     assert engine._loss_compile_wanted(config, torch.device(device), logits_left=int(logits_left)) is wanted
 
 
+@pytest.mark.parametrize(
+    ("device", "compile_setting", "variable", "cuda_graphs"),
+    [
+        ("cuda", "auto", None, True),  # a compiled packed GPT-2 body on a GPU replays as CUDA graphs
+        ("cuda", "auto", "0", False),  # unless the environment says no (benchmarks measure both)
+        ("cuda", "off", None, False),  # nothing compiled, nothing recorded
+        ("cpu", "on", None, False),  # no CUDA graphs on a CPU
+    ],
+)
+def test_a_compiled_packed_body_runs_as_cuda_graphs_on_a_gpu(
+    samples: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    compile_setting: str,
+    variable: str | None,
+    cuda_graphs: bool,
+) -> None:
+    """The decision alone (torch.compile wraps lazily: nothing is compiled or sent to a device here); the CUDA
+    tests of tests/workers/ml/test_cuda_graphs.py train with it."""
+    if variable is None:
+        monkeypatch.delenv(engine.CUDA_GRAPHS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(engine.CUDA_GRAPHS_VARIABLE, variable)
+    config = make_config(samples["corpus.txt"], tmp_path / "model", compile=compile_setting, max_length=64)
+    torch.manual_seed(config.seed)
+    setup = _prepare(config, NullCallback(), None)
+    _, packed_forward, _, _ = engine._maybe_compile(
+        setup.model, config, torch.device(device), packed=True, steps_left=1_000, rows_per_step=256
+    )
+    assert packed_forward is not None
+    assert packed_forward.cuda_graphs is cuda_graphs
+    assert engine._keeps_gradient_buffers(cuda_graphs, 2) is cuda_graphs
+    assert engine._keeps_gradient_buffers(cuda_graphs, 1) is False
+
+
+def test_gradient_buffers_kept_through_the_run_train_like_gradients_dropped_after_each_step(
+    samples: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a run with CUDA graphs and gradient accumulation does to its gradients (buffers allocated once, zeroed in
+    place, every micro-batch adding into them), here on a CPU: the same losses, bit for bit, as gradients created by
+    the first micro-batch of each step and dropped after it."""
+    common = {"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "precision": "fp32"}
+    with dropout_free_models():
+        dropped = train(samples["corpus.txt"], tmp_path / "dropped", **common)
+        monkeypatch.setattr(engine, "_keeps_gradient_buffers", lambda cuda_graphs, accumulation: True)
+        kept = train(samples["corpus.txt"], tmp_path / "kept", **common)
+    assert len(kept.recorder.losses) == 4
+    assert kept.recorder.losses == dropped.recorder.losses
+    assert kept.recorder.losses[-1] < kept.recorder.losses[0]
+
+
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_run_with_an_eager_model_and_a_compiled_loss_trains_like_the_eager_one(
     samples: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
