@@ -10,7 +10,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -262,9 +262,10 @@ class ServingClient:
     """One request to serving for one endpoint, routed over SERVING_URL's processes (see routing.py): a process
     that cannot be reached, or that answers before it has read the registry, is passed over for the next one.
 
-    Retries happen only before any response byte came back (nothing of the answer reached the caller), so a request
+    Retries happen only before anything of the answer came back (nothing of it reached the caller), so a request
     is never answered twice; a read timeout is not retried (the process is alive but slow, and another try would
-    only double the load). `open_stream` hands back the open response for the caller to iterate and close."""
+    only double the load). `open_stream` hands back the open stream, its first event already read (a process that
+    dies between its headers and its first event is passed over too), for the caller to iterate and close."""
 
     def __init__(self, endpoint: Endpoint):
         if not serving_urls(settings.SERVING_URL):
@@ -276,8 +277,12 @@ class ServingClient:
         self.headers = {"X-Serving-Token": settings.SERVING_TOKEN}
         self.timeout = httpx.Timeout(settings.SERVING_TIMEOUT_SECONDS, connect=SERVING_CONNECT_TIMEOUT_SECONDS)
 
-    async def _send(self, path: str, body: dict) -> tuple[str, httpx.AsyncClient, httpx.Response]:
-        """The first process's open (streamed) response; the caller reads and closes it, and ends its count."""
+    async def _send(
+        self, path: str, body: dict, *, first_read: Callable[[httpx.Response], Awaitable[object]] | None = None
+    ) -> tuple[str, httpx.AsyncClient, httpx.Response]:
+        """The first process's open (streamed) response; the caller reads and closes it, and ends its count.
+        ``first_read`` reads the beginning of a successful response while another process may still take the
+        request: a process that breaks off during it is passed over like one that never answered."""
         failure = "no serving process answered"
         for url in self.pool.candidates(self.endpoint_id, spread=self.spread):
             client = httpx.AsyncClient(timeout=self.timeout)
@@ -307,6 +312,26 @@ class ServingClient:
                 self.pool.mark_failed(url)  # it is starting: let it read the registry before the next try
                 failure = "serving_not_ready"
                 continue
+            if first_read is not None and response.status_code < 400:
+                try:
+                    await first_read(response)
+                except httpx.ReadTimeout as error:
+                    await response.aclose()
+                    await self._abandon(url, client)
+                    raise _unavailable(type(error).__name__) from error
+                except Exception as error:  # noqa: BLE001
+                    # Killed after its headers, before its answer or first event (seen in CI): nothing of it reached
+                    # the caller yet.
+                    await response.aclose()
+                    await self._abandon(url, client)
+                    self.pool.mark_failed(url)
+                    logger.warning("serving at %s broke off before answering (%r); trying the next process", url, error)
+                    failure = type(error).__name__
+                    continue
+                except BaseException:
+                    await response.aclose()
+                    await self._abandon(url, client)
+                    raise
             self.pool.mark_up(url)
             return url, client, response
         raise _unavailable(failure)
@@ -316,9 +341,10 @@ class ServingClient:
         await client.aclose()
 
     async def post_json(self, path: str, body: dict) -> dict:
-        url, client, response = await self._send(path, body)
+        # A successful answer is read whole while another process may still take the request.
+        url, client, response = await self._send(path, body, first_read=lambda response: response.aread())
         try:
-            raw = await response.aread()
+            raw = await response.aread()  # already read, unless serving answered an error
         except httpx.HTTPError as error:
             raise _unavailable(type(error).__name__) from error
         finally:
@@ -332,7 +358,14 @@ class ServingClient:
             raise ServingError("The serving process answered no JSON.", code="serving_error", status_code=502) from None
 
     async def open_stream(self, path: str, body: dict) -> "ServingStream":
-        url, client, response = await self._send(path, body)
+        answered: list[ServingEvents] = []  # the events of the response that gave its first one
+
+        async def read_first_event(response: httpx.Response) -> None:
+            events = ServingEvents(response)
+            await events.read_first()
+            answered.append(events)
+
+        url, client, response = await self._send(path, body, first_read=read_first_event)
         if response.status_code >= 400:
             try:
                 raw = await response.aread()
@@ -341,28 +374,65 @@ class ServingClient:
             await response.aclose()
             await self._abandon(url, client)
             raise _serving_error_from(response.status_code, raw)
-        return ServingStream(client, response, on_close=lambda: self.pool.end(url))
+        return ServingStream(client, response, answered[-1], on_close=lambda: self.pool.end(url))
 
 
-class ServingStream:
-    def __init__(self, client: httpx.AsyncClient, response: httpx.Response, *, on_close=None):
-        self.client, self.response = client, response
-        self._on_close = on_close
+class StreamBrokenOff(Exception):
+    """Serving's stream ended before its first event without saying `[DONE]`."""
 
-    async def events(self) -> AsyncIterator[dict]:
-        """Serving's SSE events as dicts, up to `[DONE]`."""
-        async for line in self.response.aiter_lines():
+
+class ServingEvents:
+    """Serving's SSE events as dicts, up to `[DONE]`, from one response; the first one can be read ahead."""
+
+    def __init__(self, response: httpx.Response):
+        self._lines = response.aiter_lines()
+        self._first: dict | None = None
+        self._ended = False
+        self._done = False
+
+    async def read_first(self) -> None:
+        """Wait for the first event and keep it for `__aiter__`; raises if the stream breaks off before it."""
+        self._first = await self._next()
+        self._ended = self._first is None
+        if self._ended and not self._done:
+            raise StreamBrokenOff("the stream ended before its first event")
+
+    async def _next(self) -> dict | None:
+        """The next event; None at `[DONE]` or at the end of the stream."""
+        async for line in self._lines:
             if not line.startswith("data:"):
                 continue
             data = line[len("data:") :].strip()
             if data == "[DONE]":
-                return
+                self._done = True
+                return None
             try:
                 event = json.loads(data)
             except ValueError:
                 continue
             if isinstance(event, dict):
-                yield event
+                return event
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[dict]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while not self._ended and (event := await self._next()) is not None:
+            yield event
+        self._ended = True
+
+
+class ServingStream:
+    def __init__(self, client: httpx.AsyncClient, response: httpx.Response, events: ServingEvents, *, on_close=None):
+        self.client, self.response = client, response
+        self._events = events
+        self._on_close = on_close
+
+    def events(self) -> AsyncIterator[dict]:
+        """Serving's SSE events as dicts, up to `[DONE]` (the first one read while the request could still fail
+        over)."""
+        return aiter(self._events)
 
     def forget(self) -> None:
         """Stop counting the stream as in flight without closing it (its event loop is gone: nothing can)."""

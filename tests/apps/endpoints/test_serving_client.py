@@ -113,3 +113,105 @@ async def test_a_connection_broken_below_httpx_fails_over_instead_of_a_500(monke
     finally:
         working.close()
         await working.wait_closed()
+
+
+async def _sse_server(events: list[dict], *, complete: bool) -> tuple[asyncio.Server, str, list]:
+    """A streaming server like serving's: 200 with chunked SSE, then ``events`` one chunk each; ``complete`` ends the
+    stream with `[DONE]` and the last chunk, else the connection is cut there (a process killed mid-answer)."""
+    requests: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next(
+            int(line.split(": ", 1)[1]) for line in head.split("\r\n") if line.lower().startswith("content-length")
+        )
+        await reader.readexactly(length)
+        requests.append(head.split(" ")[1])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for data in [*(json.dumps(event) for event in events), *(["[DONE]"] if complete else [])]:
+            chunk = f"data: {data}\n\n".encode()
+            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        if complete:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.transport.abort() if not complete else writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", requests
+
+
+def _endpoint_ranking_first(url: str, setting: str) -> SimpleNamespace:
+    public_id = next(
+        candidate
+        for candidate in (f"ep-{n}" for n in range(1000))
+        if rendezvous_order(candidate, serving_urls(setting))[0] == url
+    )
+    return SimpleNamespace(public_id=public_id, max_replicas=1)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_cut_before_its_first_event_goes_to_the_next_process():
+    """A process killed after its headers but before its first event has sent the caller nothing: the request goes
+    to the next process, whose events the caller gets, the first one included, and the cut one is marked down."""
+    cut, cut_url, cut_requests = await _sse_server([], complete=False)
+    working, working_url, working_requests = await _sse_server([{"text": "Once"}, {"text": " upon"}], complete=True)
+    setting = ",".join([cut_url, working_url])
+    try:
+        with override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30):
+            stream = await ServingClient(_endpoint_ranking_first(cut_url, setting)).open_stream("/v1/generate", {})
+            try:
+                assert [event["text"] async for event in stream.events()] == ["Once", " upon"]
+            finally:
+                await stream.close()
+            pool = serving_pool(setting, backoff_seconds=30)
+            assert not pool.is_up(cut_url) and pool.is_up(working_url)
+            assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
+        assert cut_requests == ["/v1/generate"] and working_requests == ["/v1/generate"]
+    finally:
+        for server in (cut, working):
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_a_stream_cut_after_its_first_event_is_not_sent_again():
+    """Once an event came back it may have reached the caller: a cut after it is the caller's error, and no other
+    process is asked (the request is never answered twice)."""
+    import httpx
+
+    cut, cut_url, _ = await _sse_server([{"text": "Once"}], complete=False)
+    other, other_url, other_requests = await _sse_server([{"text": "never"}], complete=True)
+    setting = ",".join([cut_url, other_url])
+    try:
+        with override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30):
+            stream = await ServingClient(_endpoint_ranking_first(cut_url, setting)).open_stream("/v1/generate", {})
+            received = []
+            with pytest.raises(httpx.HTTPError):
+                async for event in stream.events():
+                    received.append(event["text"])
+            await stream.close()
+            assert received == ["Once"]
+            pool = serving_pool(setting, backoff_seconds=30)
+            assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
+        assert other_requests == []
+    finally:
+        for server in (cut, other):
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_a_plain_answer_cut_before_its_end_goes_to_the_next_process():
+    """The same for a non-streamed answer: it is read whole before the caller sees any of it."""
+    cut, cut_url, _ = await _sse_server([{"partial": True}], complete=False)
+    working, working_url, _ = await _http_server(200, {"choices": [], "revision": 1})
+    setting = ",".join([cut_url, working_url])
+    try:
+        with override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30):
+            answer = await ServingClient(_endpoint_ranking_first(cut_url, setting)).post_json("/v1/generate", {})
+            assert answer["revision"] == 1
+            assert not serving_pool(setting, backoff_seconds=30).is_up(cut_url)
+    finally:
+        for server in (cut, working):
+            server.close()
+            await server.wait_closed()
