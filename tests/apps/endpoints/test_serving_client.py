@@ -39,6 +39,21 @@ async def _http_server(status: int, body: dict, extra_headers: str = "") -> tupl
     return server, f"http://127.0.0.1:{port}", tokens
 
 
+def _endpoint_ranking_first(url: str, setting: str) -> SimpleNamespace:
+    public_id = next(
+        candidate
+        for candidate in (f"ep-{n}" for n in range(1000))
+        if rendezvous_order(candidate, serving_urls(setting))[0] == url
+    )
+    return SimpleNamespace(public_id=public_id, max_replicas=1)
+
+
+async def _close(*servers: asyncio.Server) -> None:
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.asyncio
 async def test_requests_pass_over_refused_and_starting_processes_and_remember_them():
     starting, starting_url, starting_tokens = await _http_server(
@@ -64,9 +79,7 @@ async def test_requests_pass_over_refused_and_starting_processes_and_remember_th
             # Each failed process was tried once: afterwards it waits out its backoff behind the live one.
             assert starting_tokens == ["tok"] and working_tokens == ["tok"] * 3
     finally:
-        for server in (starting, working):
-            server.close()
-            await server.wait_closed()
+        await _close(starting, working)
 
 
 @pytest.mark.asyncio
@@ -90,11 +103,6 @@ async def test_a_connection_broken_below_httpx_fails_over_instead_of_a_500(monke
     working, working_url, _ = await _http_server(200, {"choices": [], "revision": 1})
     broken_url = f"http://127.0.0.1:{free_port()}"
     setting = ",".join([broken_url, working_url])
-    public_id = next(
-        candidate
-        for candidate in (f"ep-{n}" for n in range(1000))
-        if rendezvous_order(candidate, serving_urls(setting))[0] == broken_url
-    )
     original_send = httpx.AsyncClient.send
 
     async def send(client, request, **kwargs):
@@ -105,14 +113,13 @@ async def test_a_connection_broken_below_httpx_fails_over_instead_of_a_500(monke
     monkeypatch.setattr(httpx.AsyncClient, "send", send)
     try:
         with override_settings(SERVING_URL=setting, SERVING_FAILURE_BACKOFF_SECONDS=30):
-            answer = await ServingClient(SimpleNamespace(public_id=public_id, max_replicas=1)).post_json("/v1/x", {})
+            answer = await ServingClient(_endpoint_ranking_first(broken_url, setting)).post_json("/v1/x", {})
             assert answer["revision"] == 1
             pool = serving_pool(setting, backoff_seconds=30)
             assert not pool.is_up(broken_url) and pool.is_up(working_url)
             assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
     finally:
-        working.close()
-        await working.wait_closed()
+        await _close(working)
 
 
 async def _sse_server(events: list[dict], *, complete: bool) -> tuple[asyncio.Server, str, list]:
@@ -140,15 +147,6 @@ async def _sse_server(events: list[dict], *, complete: bool) -> tuple[asyncio.Se
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", requests
 
 
-def _endpoint_ranking_first(url: str, setting: str) -> SimpleNamespace:
-    public_id = next(
-        candidate
-        for candidate in (f"ep-{n}" for n in range(1000))
-        if rendezvous_order(candidate, serving_urls(setting))[0] == url
-    )
-    return SimpleNamespace(public_id=public_id, max_replicas=1)
-
-
 @pytest.mark.asyncio
 async def test_a_stream_cut_before_its_first_event_goes_to_the_next_process():
     """A process killed after its headers but before its first event has sent the caller nothing: the request goes
@@ -168,9 +166,7 @@ async def test_a_stream_cut_before_its_first_event_goes_to_the_next_process():
             assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
         assert cut_requests == ["/v1/generate"] and working_requests == ["/v1/generate"]
     finally:
-        for server in (cut, working):
-            server.close()
-            await server.wait_closed()
+        await _close(cut, working)
 
 
 @pytest.mark.asyncio
@@ -195,9 +191,7 @@ async def test_a_stream_cut_after_its_first_event_is_not_sent_again():
             assert [pool.in_flight(url) for url in pool.urls] == [0, 0]
         assert other_requests == []
     finally:
-        for server in (cut, other):
-            server.close()
-            await server.wait_closed()
+        await _close(cut, other)
 
 
 @pytest.mark.asyncio
@@ -212,6 +206,4 @@ async def test_a_plain_answer_cut_before_its_end_goes_to_the_next_process():
             assert answer["revision"] == 1
             assert not serving_pool(setting, backoff_seconds=30).is_up(cut_url)
     finally:
-        for server in (cut, working):
-            server.close()
-            await server.wait_closed()
+        await _close(cut, working)
