@@ -307,8 +307,7 @@ class ServingClient:
                 await self._abandon(url, client)
                 raise
             if response.status_code == 503 and response.headers.get(NOT_READY_HEADER):
-                await response.aclose()
-                await self._abandon(url, client)
+                await self._abandon(url, client, response)
                 self.pool.mark_failed(url)  # it is starting: let it read the registry before the next try
                 failure = "serving_not_ready"
                 continue
@@ -316,28 +315,28 @@ class ServingClient:
                 try:
                     await first_read(response)
                 except httpx.ReadTimeout as error:
-                    await response.aclose()
-                    await self._abandon(url, client)
+                    await self._abandon(url, client, response)
                     raise _unavailable(type(error).__name__) from error
                 except Exception as error:  # noqa: BLE001
                     # Killed after its headers, before its answer or first event (seen in CI): nothing of it reached
                     # the caller yet.
-                    await response.aclose()
-                    await self._abandon(url, client)
+                    await self._abandon(url, client, response)
                     self.pool.mark_failed(url)
                     logger.warning("serving at %s broke off before answering (%r); trying the next process", url, error)
                     failure = type(error).__name__
                     continue
                 except BaseException:
-                    await response.aclose()
-                    await self._abandon(url, client)
+                    await self._abandon(url, client, response)
                     raise
             self.pool.mark_up(url)
             return url, client, response
         raise _unavailable(failure)
 
-    async def _abandon(self, url: str, client: httpx.AsyncClient) -> None:
+    async def _abandon(self, url: str, client: httpx.AsyncClient, response: httpx.Response | None = None) -> None:
+        """Closes ``response`` (when one came) and the client, and ends the process's in-flight count."""
         self.pool.end(url)
+        if response is not None:
+            await response.aclose()
         await client.aclose()
 
     async def post_json(self, path: str, body: dict) -> dict:
@@ -348,8 +347,7 @@ class ServingClient:
         except httpx.HTTPError as error:
             raise _unavailable(type(error).__name__) from error
         finally:
-            await response.aclose()
-            await self._abandon(url, client)
+            await self._abandon(url, client, response)
         if response.status_code >= 400:
             raise _serving_error_from(response.status_code, raw)
         try:
@@ -371,8 +369,7 @@ class ServingClient:
                 raw = await response.aread()
             except httpx.HTTPError:
                 raw = b""
-            await response.aclose()
-            await self._abandon(url, client)
+            await self._abandon(url, client, response)
             raise _serving_error_from(response.status_code, raw)
         return ServingStream(client, response, answered[-1], on_close=lambda: self.pool.end(url))
 
