@@ -19,8 +19,10 @@ model building, compilation and export are not). ``tokens_per_second`` counts us
 every example the timed steps trained on, never padding), counted from the batches themselves; the engine's own
 count for the same steps is reported next to it as ``engine_counted_tokens``.
 
-The sides run one after the other, ``--repeats`` times in turn; each side's best run is reported (the machine may be
-shared: the best run is the one least slowed by others), with every run's figure in ``runs_tokens_per_second``.
+The sides run one after the other (the engine first), ``--repeats`` times in turn, and each finished run's figures
+are printed on stderr as one JSON line at once (a run cut off by a time limit keeps them); each side's best run is
+reported (the machine may be shared: the best run is the one least slowed by others), with every run's figure in
+``runs_tokens_per_second``.
 
 Documents have 5-120 words, uniformly (``--lengths uniform``) or log-uniformly (``--lengths log-uniform``: many
 short ones and a long tail, closer to chat data). Dynamic padding pads each batch to its longest example, so the
@@ -442,7 +444,7 @@ def _child(side: str, spec_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
-def _run_side(side: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _run_side(side: str, spec: dict[str, Any], folder: Path, label: str | None = None) -> dict[str, Any]:
     from workers.ml.engine import CUDA_GRAPHS_VARIABLE
     from workers.ml.packed_gpt2 import KERNEL_VARIABLE
 
@@ -463,7 +465,18 @@ def _run_side(side: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     )
     if completed.returncode != 0:
         raise RuntimeError(f"the {side} run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    return json.loads(result_path.read_text())
+    result = json.loads(result_path.read_text())
+    # Each run's figure goes out as soon as it exists: a run cut off by a time limit (a lent GPU machine's, say) still
+    # leaves the figures of the runs it finished.
+    progress = {
+        "finished": label or side,
+        "kernel": spec.get("kernel"),
+        "without_cuda_graphs": bool(spec.get("without_cuda_graphs")),
+    }
+    progress.update(_summary([result], spec["device"].startswith("cuda"), spec["steps"]))
+    progress.pop("profile", None)
+    print(json.dumps(progress), file=sys.stderr, flush=True)
+    return result
 
 
 def _tokens_per_second(raw: dict[str, Any]) -> float:
@@ -655,8 +668,7 @@ def main() -> None:
         without_graphs: list[dict[str, Any]] = []
         failures: dict[str, str] = {}
         for _ in range(repeats):
-            for side, side_spec in baseline_specs.items():
-                runs[side].append(_run_side("baseline", side_spec, folder))
+            # The engine first: the figure the goal is about, announced on stderr even if a time limit cuts the rest.
             for kernel in kernels:
                 # One kernel that fails on this device (say, a torch without it) must not lose the others' figures.
                 try:
@@ -664,6 +676,8 @@ def main() -> None:
                     runs[kernel].append(_run_side("ours", ours_spec, folder))
                 except RuntimeError as error:
                     failures[kernel] = str(error)[-2000:]
+            for side, side_spec in baseline_specs.items():
+                runs[side].append(_run_side("baseline", side_spec, folder, label=side))
             if cuda and arguments.without_cuda_graphs:
                 plain_spec = dict(spec, kernel=automatic_kernel, without_cuda_graphs=True)
                 without_graphs.append(_run_side("ours", plain_spec, folder))
