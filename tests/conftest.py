@@ -49,8 +49,8 @@ def _flush_with_retries(flush_once):
     """TransactionTestCase's flush, tried again when PostgreSQL aborts it. The deadlock_timeout above does not always
     make a worker the victim: PostgreSQL checks a wait for a deadlock once, after that timeout, so when the test's
     TRUNCATE (which locks table after table) is the one whose wait closes the cycle, only the test's own check ever
-    sees it, and the flush fails (seen once in CI: "Database test_tunehouse couldn't be flushed", and then every
-    later test found the last one's rows). A failed flush is rolled back whole, so trying it again is safe."""
+    sees it, and the flush fails (seen once in CI: "Database test_tunehouse couldn't be flushed", and the next test
+    then found the last one's rows). A failed flush is rolled back whole, so trying it again is safe."""
 
     def flush(self) -> None:
         from django.core.management.base import CommandError
