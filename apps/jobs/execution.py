@@ -382,13 +382,10 @@ def _claim(job_id: int) -> FineTuningJob | None:
             lease_heartbeat_at=timezone.now(),
             started_at=job.started_at or timezone.now(),
         )
-        resumable = JobCheckpoint.objects.filter(job=job).order_by("-step_number").first()
-        job_event_record(
-            job=job,
-            message=f"Fine-tuning job started (attempt {attempt})"
-            + (f"; resuming from the checkpoint of step {resumable.step_number:,}" if resumable else ""),
-            data={"attempt": attempt},
-        )
+        # Where the attempt resumes is the engine's to say ("Resumed from the checkpoint of step N"): on the same
+        # machine it takes the newest complete checkpoint on disk, which a killed worker may have finished writing
+        # without recording it, so the newest recorded one would be the wrong step to announce here.
+        job_event_record(job=job, message=f"Fine-tuning job started (attempt {attempt})", data={"attempt": attempt})
     return job
 
 
