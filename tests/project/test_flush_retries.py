@@ -19,7 +19,7 @@ def test_a_flush_that_fails_once_is_tried_again():
     def fails_once(sql_list):
         flush_attempts.append("tried")
         if len(flush_attempts) == 1:
-            raise OperationalError("deadlock detected")
+            raise OperationalError("a deadlock simulated by tests/project/test_flush_retries.py")
         return flush_for_real(sql_list)
 
     # Set on the instance (not monkeypatch, which is undone before the flush runs); the next test removes it.
