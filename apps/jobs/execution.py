@@ -23,7 +23,7 @@ from apps.catalog.selectors import catalog_get, catalog_training_base
 from apps.core.storage import local_copy_of_prefix, object_store, tenant_key
 from apps.datasets.services import file_local_path
 from workers.ml.callbacks import TrainingEvent
-from workers.ml.checkpoint import checkpoint_folder_name
+from workers.ml.checkpoint import checkpoint_folder_name, list_checkpoints
 from workers.ml.config import TrainingConfig
 from workers.ml.errors import TrainingDataError
 
@@ -195,7 +195,7 @@ class _JobProgress:
                 return
             # A resumed job logs again the steps after its last checkpoint: the attempt tells a chart which to keep.
             data = {**data, "attempt": self.attempt}
-        elif data and "checkpoint" in data and not self._record_checkpoint(data["checkpoint"]):
+        elif data and not self._record_checkpoint_named_in(data):
             return
         level = {"warning": EventLevel.WARN, "error": EventLevel.ERROR}.get(event.level, EventLevel.INFO)
         job_event_record(job=self.job, message=event.message, level=level, event_type=event.type, data=data)
@@ -238,6 +238,15 @@ class _JobProgress:
             self._last_metrics_stored = now
         return bool(keep)
 
+    def _record_checkpoint_named_in(self, data: dict) -> bool:
+        """Records the checkpoint an event names (one just saved, or the one a resumed run started from); False when
+        fenced, so that the event is not recorded either."""
+        if "checkpoint" in data:
+            return self._record_checkpoint(data["checkpoint"])
+        if "resumed_from_step" in data:
+            return self._record_resumed_checkpoint(int(data["resumed_from_step"]))
+        return True
+
     def _record_checkpoint(self, checkpoint: dict) -> bool:
         """Copies a checkpoint the engine wrote into the object store and records it; False when fenced."""
         step = int(checkpoint["step_number"])
@@ -267,6 +276,20 @@ class _JobProgress:
                 transaction.on_commit(lambda prefix=old.storage_prefix: object_store().delete_prefix(prefix + "/"))
                 old.delete()
         return True
+
+    def _record_resumed_checkpoint(self, step: int) -> bool:
+        """Records the checkpoint the engine resumed from when no row has it yet; False when fenced.
+
+        A worker killed between writing a checkpoint and recording it leaves the checkpoint complete on disk, and the
+        next attempt on this machine resumes from it: unrecorded, it would be missing from the job's checkpoint list
+        (so not deployable) and an attempt on another machine would go back to the older recorded one."""
+        if JobCheckpoint.objects.filter(job=self.job, step_number=step).exists():
+            return True
+        resumed = next((info for info in list_checkpoints(self.checkpoint_dir) if info.step == step), None)
+        if resumed is None:
+            # Its folder went away after the engine read it: there is nothing left to copy into the store.
+            return True
+        return self._record_checkpoint({"step_number": step, "metrics": resumed.metrics})
 
     # -- control -----------------------------------------------------------------------------------------------
     def should_stop(self) -> bool:

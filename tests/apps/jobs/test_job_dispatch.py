@@ -14,10 +14,13 @@ import torch
 from django.db import OperationalError
 from django.utils import timezone
 
+from apps.core.storage import local_copy_of_prefix
 from apps.datasets.models import File
 from apps.jobs.execution import _JobProgress, _record_crash, failure_of
-from apps.jobs.models import FineTuningJob, JobPhase, JobStatus, JobStatusChange
+from apps.jobs.models import FineTuningJob, JobCheckpoint, JobEvent, JobPhase, JobStatus, JobStatusChange
 from apps.jobs.services import job_create, job_pause, job_resume, jobs_dispatch, jobs_recover
+from workers.ml.callbacks import TrainingEvent
+from workers.ml.checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.django_db
 
@@ -87,6 +90,41 @@ def test_a_job_whose_lease_expired_is_queued_again_and_its_old_executor_is_fence
     FineTuningJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempt=2)
     assert old_executor.may_write() is False
     assert old_executor.should_stop() is True
+
+
+def test_a_checkpoint_written_but_not_recorded_by_a_killed_worker_is_recorded_when_the_next_attempt_resumes_from_it(
+    tenant_a, tmp_path
+):
+    # A SIGKILL between the engine's write and the row leaves step 40 complete on disk with 30 the newest recorded
+    # (seen in CI); the next attempt on this machine resumes from 40.
+    (job,) = _queued_jobs(tenant_a.tenant, 1)
+    FineTuningJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempt=2)
+    job.refresh_from_db()
+    weights = b"the weights of step 40"
+    write_checkpoint(
+        tmp_path,
+        step=40,
+        write_files=lambda folder: (folder / "model.safetensors").write_bytes(weights),
+        metrics={"train_loss": 2.5},
+    )
+    progress = _JobProgress(job, 2, checkpoint_dir=tmp_path, worker_stopping=Event())
+    resumed = TrainingEvent(
+        level="info",
+        message="Resumed from the checkpoint of step 40; continuing to step 240.",
+        data={"resumed_from_step": 40},
+    )
+
+    progress.on_event(resumed)
+    progress.on_event(resumed)  # said twice, recorded once
+
+    listed = tenant_a.api().get(f"/v1/fine_tuning/jobs/{job.public_id}/checkpoints").json()["data"]
+    assert [(item["step_number"], item["metrics"]) for item in listed] == [(40, {"step": 40, "train_loss": 2.5})]
+    checkpoint = JobCheckpoint.objects.get(job=job)
+    assert checkpoint.attempt == 2
+    # Its files are in the object store: an attempt on another machine (or a deployment) finds them there.
+    copy = local_copy_of_prefix(checkpoint.storage_prefix, tmp_path / "copy")
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert JobEvent.objects.filter(job=job, message__startswith="Resumed from the checkpoint of step 40").count() == 2
 
 
 def test_a_fresh_lease_is_left_alone(tenant_a, settings):
